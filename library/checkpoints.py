@@ -1,0 +1,124 @@
+"""Output files of a run: names that carry epoch/step, keep-last-K, atomic writes, resumable training state."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+
+@dataclass
+class Progress:
+    """Where a run is: optimizer steps done, current epoch (0-based) and the next batch within it."""
+
+    global_step: int = 0
+    epoch: int = 0
+    next_batch: int = 0
+
+
+def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+    """Write a .safetensors file so that a crash never leaves a half-written file at `path`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def epoch_file(output_dir: Path, name: str, epoch: int, suffix: str) -> Path:
+    return output_dir / f"{name}-{epoch:06d}{suffix}"  # sd-scripts' naming, which users' scripts expect
+
+
+def step_file(output_dir: Path, name: str, step: int, suffix: str) -> Path:
+    return output_dir / f"{name}-step{step:08d}{suffix}"
+
+
+def final_file(output_dir: Path, name: str, suffix: str) -> Path:
+    return output_dir / f"{name}{suffix}"
+
+
+def state_dir_for(artifact: Path) -> Path:
+    return artifact.with_name(artifact.stem + "-state")
+
+
+def existing_outputs(output_dir: Path, name: str) -> list[Path]:
+    """Files and state folders an earlier run with this name left in output_dir."""
+    if not output_dir.is_dir():
+        return []
+    pattern = re.compile(rf"^{re.escape(name)}(-\d{{6}}|-step\d{{8}})?(-state|\.[A-Za-z0-9]+)$")
+    return sorted(p for p in output_dir.iterdir() if pattern.match(p.name))
+
+
+def prune_intermediates(output_dir: Path, name: str, suffix: str, keep_last: int) -> list[Path]:
+    """Delete all but the newest `keep_last` epoch files and step files (each kind separately), with their states."""
+    if keep_last <= 0:
+        return []
+    removed = []
+    for kind in (rf"-\d{{6}}", rf"-step\d{{8}}"):
+        pattern = re.compile(rf"^{re.escape(name)}{kind}{re.escape(suffix)}$")
+        files = sorted(p for p in output_dir.iterdir() if pattern.match(p.name))
+        for old in files[:-keep_last]:
+            old.unlink()
+            state = state_dir_for(old)
+            if state.is_dir():
+                shutil.rmtree(state)
+            removed.append(old)
+    return removed
+
+
+def save_state(folder: Path, progress: Progress, trainable: dict[str, torch.Tensor], optimizer, scheduler,
+               scaler=None, extra: dict | None = None) -> None:
+    """Everything needed to continue exactly: trainable tensors, optimizer, LR schedule, step/epoch/batch.
+    Data order and noise are derived from (seed, step), so no RNG state is needed."""
+    tmp = folder.with_name(f".{folder.name}.tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    save_file({k: v.detach().cpu().contiguous() for k, v in trainable.items()}, str(tmp / "trainable.safetensors"))
+    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+    if scaler is not None:
+        torch.save(scaler.state_dict(), tmp / "scaler.pt")
+    (tmp / "progress.json").write_text(json.dumps({**asdict(progress), **(extra or {})}, indent=2))
+    if folder.exists():
+        shutil.rmtree(folder)
+    os.replace(tmp, folder)
+
+
+@dataclass
+class LoadedState:
+    progress: Progress
+    extra: dict
+    trainable: dict[str, torch.Tensor]
+    optimizer: dict
+    scheduler: dict
+    scaler: dict | None
+
+
+def load_state(folder: Path) -> LoadedState:
+    """Read a state folder written by save_state (tensors via safetensors, the rest with weights_only=True)."""
+    missing = [n for n in ("progress.json", "trainable.safetensors", "optimizer.pt", "scheduler.pt")
+               if not (folder / n).is_file()]
+    if missing:
+        raise ValueError(f"{folder} is not a complete training state (missing {', '.join(missing)})")
+    info = json.loads((folder / "progress.json").read_text())
+    progress = Progress(info.pop("global_step"), info.pop("epoch"), info.pop("next_batch"))
+    scaler_path = folder / "scaler.pt"
+    return LoadedState(
+        progress=progress,
+        extra=info,
+        trainable=load_file(str(folder / "trainable.safetensors")),
+        optimizer=torch.load(folder / "optimizer.pt", weights_only=True),
+        scheduler=torch.load(folder / "scheduler.pt", weights_only=True),
+        scaler=torch.load(scaler_path, weights_only=True) if scaler_path.is_file() else None,
+    )

@@ -1,0 +1,267 @@
+"""The one training loop every trainer shares. Scripts decide WHAT is trained (a `Trainable`); this module
+decides HOW: noise, loss, accumulation, mixed precision, checkpoints, resume, Ctrl-C, progress and logs."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import torch
+from accelerate import Accelerator
+
+from library.attention import select_attention
+from library.checkpoints import (Progress, epoch_file, final_file, load_state, prune_intermediates, save_state,
+                                 state_dir_for, step_file)
+from library.conditioning import encode_text, tokenize
+from library.config import RunConfig, TrainSection
+from library.diffusion_loss import make_noise, min_snr_weights, per_sample_loss, sample_timesteps, target_for
+from library.logs import RunLog
+from library.models import ModelParts
+from library.optimizers import build_optimizer, uses_relative_step
+from library.plan import TrainingPlan
+from library.schedules import build_scheduler, current_lrs, resolve_warmup_steps
+from library.training_data import Batch, LatentSource, TrainingData, hash_ints
+
+WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class Trainable(Protocol):
+    """What a script trains. The loop only needs these."""
+
+    artifact_suffix: str
+    trains_text_encoder: bool
+
+    def param_groups(self) -> list[dict]:
+        """[{"params": [...], "lr": float, "name": "unet"}, ...]"""
+
+    def set_train(self, training: bool) -> None: ...
+
+    def state_dict(self) -> dict[str, torch.Tensor]: ...
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None: ...
+
+    def save(self, path: Path, progress: Progress) -> None:
+        """Write the artifact users load (atomically)."""
+
+    def after_backward(self) -> None:
+        """Adjust gradients before the optimizer step (textual inversion masks rows here)."""
+
+
+def resolve_device(train: TrainSection) -> torch.device:
+    if train.device != "auto":
+        return torch.device(train.device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def runtime_problems(train: TrainSection) -> list[str]:
+    """Settings this machine cannot run, found before any model loads."""
+    device = resolve_device(train)
+    problems = []
+    if train.device == "cuda" and not torch.cuda.is_available():
+        problems.append("train.device = 'cuda' but no CUDA device is available; use 'auto' or 'cpu'")
+    elif device.type == "cpu" and train.mixed_precision == "fp16":
+        problems.append("train.mixed_precision = 'fp16' needs a GPU; on the CPU use 'bf16' or 'no'")
+    return problems
+
+
+@dataclass
+class LoopParts:
+    accelerator: Accelerator
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    latents: LatentSource
+    weight_dtype: torch.dtype
+
+
+class Trainer:
+    """Runs one training: set up, loop, save. `train()` returns the final artifact's path."""
+
+    def __init__(self, config: RunConfig, parts: ModelParts, trainable: Trainable, data: TrainingData,
+                 plan: TrainingPlan):
+        self.config = config
+        self.parts = parts
+        self.trainable = trainable
+        self.data = data
+        self.plan = plan
+        self.output_dir = Path(config.save.output_dir)
+        self.progress = Progress()
+
+    # ---------------------------------------------------------------- set-up
+    def _setup(self) -> LoopParts:
+        train = self.config.train
+        accelerator = Accelerator(mixed_precision=train.mixed_precision, cpu=resolve_device(train).type == "cpu")
+        device = accelerator.device
+        weight_dtype = WEIGHT_DTYPES[train.mixed_precision]
+        parts = self.parts
+        # frozen weights in the compute dtype; trainable ones stay fp32 so small updates are not lost
+        parts.unet.to(device, weight_dtype)
+        parts.text_encoder.to(device, weight_dtype)
+        parts.vae.to(device, torch.float32)  # fp16 VAE encodes can overflow; it runs once per image when cached
+        for group in self.trainable.param_groups():
+            for param in group["params"]:
+                param.data = param.data.float()
+        print(select_attention([parts.unet], train.attention, device))
+        if train.gradient_checkpointing:
+            parts.unet.enable_gradient_checkpointing()
+            if self.trainable.trains_text_encoder:
+                parts.text_encoder.gradient_checkpointing_enable()
+        parts.vae.requires_grad_(False)
+
+        opt = self.config.optimizer
+        optimizer = build_optimizer(opt.name, self.trainable.param_groups(), opt.lr, opt.args)
+        warmup = resolve_warmup_steps(self.plan.total_steps, opt.warmup_steps, opt.warmup_ratio)
+        scheduler = build_scheduler(optimizer, opt.scheduler, self.plan.total_steps, warmup, opt.num_cycles,
+                                    opt.power, relative_step=uses_relative_step(opt.name, opt.args))
+        optimizer = accelerator.prepare(optimizer)
+        latents = LatentSource(self.data, parts.vae, self.config.dataset.cache_latents == "memory", train.seed)
+        return LoopParts(accelerator, optimizer, scheduler, latents, weight_dtype)
+
+    def _resume(self, loop: LoopParts) -> None:
+        folder = Path(self.config.save.resume)
+        state = load_state(folder)
+        self.trainable.load_state_dict(state.trainable)
+        loop.optimizer.load_state_dict(state.optimizer)
+        loop.scheduler.load_state_dict(state.scheduler)
+        if state.scaler is not None and loop.accelerator.scaler is not None:
+            loop.accelerator.scaler.load_state_dict(state.scaler)
+        self.progress = state.progress
+        saved_total = state.extra.get("total_steps")
+        if saved_total is not None and saved_total != self.plan.total_steps:
+            print(f"note: the state was saved by a run planned for {saved_total} steps; this one plans "
+                  f"{self.plan.total_steps}, so the LR schedule continues on the new length")
+        print(f"resumed from {folder}: step {self.progress.global_step}, epoch {self.progress.epoch + 1}, "
+              f"batch {self.progress.next_batch}")
+
+    # ---------------------------------------------------------------- one step
+    def _loss(self, loop: LoopParts, batch: Batch, epoch: int, step_seed: int) -> torch.Tensor:
+        parts, train = self.parts, self.config.train
+        device = loop.accelerator.device
+        latents = loop.latents.latents(batch, epoch, step_seed).to(device, loop.weight_dtype)
+        generator = torch.Generator().manual_seed(step_seed)
+        noise = make_noise(latents, generator, train.noise_offset)
+        timesteps = sample_timesteps(latents.shape[0], parts.noise_scheduler, generator, device)
+        noisy = parts.noise_scheduler.add_noise(latents, noise, timesteps)
+        ids = tokenize(parts.tokenizer, batch.captions)
+        with loop.accelerator.autocast():
+            with torch.set_grad_enabled(self.trainable.trains_text_encoder):
+                conditioning = encode_text(parts.text_encoder, ids, self.config.model.clip_skip)
+            prediction = parts.unet(noisy, timesteps, conditioning.to(loop.weight_dtype)).sample
+        target = target_for(parts.noise_scheduler, latents, noise, timesteps, parts.v_prediction)
+        losses = per_sample_loss(prediction, target)
+        weights = torch.where(batch.is_reg, self.config.dataset.prior_loss_weight, 1.0).to(device)
+        if train.min_snr_gamma:
+            weights = weights * min_snr_weights(parts.noise_scheduler, timesteps, train.min_snr_gamma,
+                                                parts.v_prediction).to(device)
+        return (losses * weights).mean()
+
+    def _optimizer_step(self, loop: LoopParts) -> None:
+        params = [p for g in self.trainable.param_groups() for p in g["params"]]
+        if self.config.optimizer.max_grad_norm:
+            loop.accelerator.clip_grad_norm_(params, self.config.optimizer.max_grad_norm)
+        loop.optimizer.step()
+        if not loop.optimizer.step_was_skipped:  # fp16 overflow skips a step; the schedule waits with it
+            loop.scheduler.step()
+        loop.optimizer.zero_grad(set_to_none=True)
+
+    # ---------------------------------------------------------------- saving
+    def _save(self, loop: LoopParts, artifact: Path, with_state: bool) -> None:
+        self.trainable.save(artifact, self.progress)
+        if with_state:
+            save_state(state_dir_for(artifact), self.progress, self.trainable.state_dict(), loop.optimizer,
+                       loop.scheduler, loop.accelerator.scaler, {"total_steps": self.plan.total_steps})
+        prune_intermediates(self.output_dir, self.config.save.name, self.trainable.artifact_suffix,
+                            self.config.save.keep_last)
+
+    def _save_if_due(self, loop: LoopParts, log: RunLog, epoch_done: bool) -> None:
+        save, p = self.config.save, self.progress
+        finished = p.global_step >= self.plan.total_steps
+        if finished:
+            return  # the final save follows
+        suffix = self.trainable.artifact_suffix
+        if epoch_done and save.every_n_epochs and p.epoch % save.every_n_epochs == 0:
+            path = epoch_file(self.output_dir, save.name, p.epoch, suffix)
+        elif not epoch_done and save.every_n_steps and p.global_step % save.every_n_steps == 0:
+            path = step_file(self.output_dir, save.name, p.global_step, suffix)
+        else:
+            return
+        self._save(loop, path, save.save_state)
+        log.write(f"saved {path}")
+
+    def _save_interrupted(self, loop: LoopParts, log: RunLog | None) -> None:
+        path = step_file(self.output_dir, self.config.save.name, self.progress.global_step,
+                         self.trainable.artifact_suffix)
+        self._save(loop, path, with_state=True)
+        message = (f"\ninterrupted at step {self.progress.global_step}: saved {path} and its state.\n"
+                   f"resume with: save.resume={state_dir_for(path)}")
+        (log.write if log else print)(message)
+
+    # ---------------------------------------------------------------- the loop
+    def train(self) -> Path:
+        loop = self._setup()
+        if self.config.save.resume:
+            self._resume(loop)
+        if self.progress.global_step >= self.plan.total_steps:
+            print(f"the state is already at step {self.progress.global_step} of {self.plan.total_steps}: "
+                  "nothing to train; raise train.max_steps / train.epochs to continue")
+        loop.latents.fill()
+        self.trainable.set_train(True)
+        log = RunLog(self.config.logging.log_dir, self.config.save.name, self.plan.total_steps,
+                     self.progress.global_step)
+        try:
+            self._epochs(loop, log)
+        except KeyboardInterrupt:
+            self._save_interrupted(loop, log)
+            log.close()
+            raise SystemExit(130) from None
+        log.close()
+        final = final_file(self.output_dir, self.config.save.name, self.trainable.artifact_suffix)
+        self._save(loop, final, with_state=self.config.save.save_state)
+        print(f"saved {final}\nTensorBoard logs: {log.dir}")
+        return final
+
+    def _epochs(self, loop: LoopParts, log: RunLog) -> None:
+        accumulation = self.config.train.gradient_accumulation_steps
+        seed = self.config.train.seed
+        for epoch in range(self.progress.epoch, self.plan.epochs):
+            if self.progress.global_step >= self.plan.total_steps:
+                return
+            batches = self.data.epoch_batches(epoch)
+            epoch_losses: list[float] = []
+            group_loss = 0.0
+            start = self.progress.next_batch
+            for index in range(start, len(batches)):
+                group_start = (index // accumulation) * accumulation
+                group_size = min(accumulation, len(batches) - group_start)
+                step_seed = hash_ints(seed, epoch, index)
+                torch.manual_seed(step_seed)  # dropout inside the network draws from the global RNG
+                loss = self._loss(loop, self.data.batch(epoch, batches[index]), epoch, step_seed)
+                if not math.isfinite(loss.item()):
+                    raise FloatingPointError(self._nan_hint())
+                loop.accelerator.backward(loss / group_size)
+                self.trainable.after_backward()
+                group_loss += loss.item() / group_size
+                if index + 1 - group_start < group_size:
+                    continue
+                self._optimizer_step(loop)
+                self.progress = Progress(self.progress.global_step + 1, epoch, index + 1)
+                log.step(self.progress.global_step, group_loss,
+                         current_lrs(loop.scheduler, loop.optimizer), epoch)
+                epoch_losses.append(group_loss)
+                group_loss = 0.0
+                self._save_if_due(loop, log, epoch_done=False)
+                if self.progress.global_step >= self.plan.total_steps:
+                    break
+            if epoch_losses:
+                log.epoch_end(epoch, sum(epoch_losses) / len(epoch_losses))
+            if self.progress.global_step < self.plan.total_steps:
+                self.progress = Progress(self.progress.global_step, epoch + 1, 0)
+                self._save_if_due(loop, log, epoch_done=True)
+
+    def _nan_hint(self) -> str:
+        hint = f"the loss became NaN/inf at step {self.progress.global_step + 1}."
+        if self.config.train.mixed_precision == "fp16":
+            hint += " fp16 overflows easily: try train.mixed_precision = 'bf16' (or 'no'), or a lower optimizer.lr."
+        else:
+            hint += " Try a lower optimizer.lr, or check the images for corrupt data."
+        return hint

@@ -1,0 +1,33 @@
+#!/usr/bin/env python
+"""Train a LoRA (or LoCon) network for Stable Diffusion 1.x/2.x from a TOML config.
+
+    python train_lora.py configs/quickstart_lora.toml [section.key=value ...] [--check] [--print-config]
+
+The result is a kohya-layout .safetensors file that A1111, ComfyUI and diffusers load.
+"""
+from __future__ import annotations
+
+import sys
+
+from library.config import LoraRunConfig
+from library.lora_training import LoraTrainable, lora_metadata
+from library.models import load_model
+from library.run import prepare_run
+from library.trainer import Trainer
+
+
+def main(argv: list[str] | None = None) -> int:
+    run = prepare_run(argv, LoraRunConfig, __doc__.splitlines()[0])
+    if run is None:
+        return 0
+    config = run.config
+    v_param = None if config.model.v_parameterization == "auto" else config.model.v_parameterization
+    parts = load_model(config.model.path, v_param, config.model.config_dir or None)
+    trainable = LoraTrainable(parts, config, lora_metadata(config, parts, run.scan, run.plan))
+    print(trainable.describe())
+    Trainer(config, parts, trainable, run.data, run.plan).train()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
