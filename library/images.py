@@ -1,0 +1,151 @@
+"""Image file I/O: decoding, colour-mode normalisation, resize/crop and tensor conversion.
+
+Every training image goes through `load_image`, so EXIF orientation, transparency and odd pixel
+formats are handled the same way in bucketing, latent caching and preview code.
+"""
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+# Modes whose pixel values span 0..65535 (16-bit greyscale PNG/TIFF); "I" is how Pillow may expose them.
+_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+_ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
+
+
+def _open_decoded(path: Path) -> Image.Image:
+    """Open and fully decode `path`, applying EXIF orientation. Raises on unreadable or truncated files."""
+    with Image.open(path) as img:
+        img.load()
+        try:
+            upright = ImageOps.exif_transpose(img)
+        except Exception:  # noqa: BLE001 - corrupt EXIF: viewers show the pixels as stored, so do we
+            upright = img.copy()
+    return upright
+
+
+def _has_alpha(img: Image.Image) -> bool:
+    return img.mode in _ALPHA_MODES or "transparency" in img.info
+
+
+def _sixteen_bit_to_l(img: Image.Image) -> Image.Image:
+    """Scale 0..65535 to 0..255 (a plain convert("L") clips everything above 255 to white)."""
+    values = np.asarray(img).astype(np.float64)
+    scaled = np.clip(np.round(values / 257.0), 0, 255).astype(np.uint8)
+    return Image.fromarray(scaled, mode="L")
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Convert any Pillow mode to 8-bit RGB; transparent areas are composited onto white."""
+    if img.mode == "RGB":
+        return img
+    if img.mode in _SIXTEEN_BIT_MODES:
+        return _sixteen_bit_to_l(img).convert("RGB")
+    if img.mode == "F":
+        # Float images are conventionally 0..1; larger maxima mean they already hold 0..255 values.
+        values = np.asarray(img, dtype=np.float64)
+        scale = 255.0 if values.size and values.max() <= 1.0 else 1.0
+        scaled = np.clip(np.round(values * scale), 0, 255).astype(np.uint8)
+        return Image.fromarray(scaled, mode="L").convert("RGB")
+    if _has_alpha(img):
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return img.convert("RGB")  # L, 1, P, CMYK, YCbCr
+
+
+def load_image(path: Path) -> Image.Image:
+    """Load `path` as an upright 8-bit RGB image.
+
+    Honours EXIF orientation, composites transparency on white, scales 16-bit greyscale properly and
+    converts CMYK/palette/greyscale. Fully decodes, so truncated or corrupt files raise OSError.
+    """
+    path = Path(path)
+    try:
+        return to_rgb(_open_decoded(path))
+    except UnidentifiedImageError as exc:
+        raise OSError(f"cannot identify image file {path} (not an image, or an unsupported format)") from exc
+
+
+def load_alpha(path: Path) -> Image.Image | None:
+    """The alpha channel of `path` as an upright "L" image, or None when the image has no transparency."""
+    img = _open_decoded(Path(path))
+    if not _has_alpha(img):
+        return None
+    return img.convert("RGBA").getchannel("A")
+
+
+def image_problem(path: Path) -> str | None:
+    """None when `path` fully decodes to a usable image, else a short human-readable reason."""
+    if ImageFile.LOAD_TRUNCATED_IMAGES:
+        # Some imported library flipped Pillow's global switch; truncated files would then pass as half-grey images.
+        raise RuntimeError(
+            "PIL.ImageFile.LOAD_TRUNCATED_IMAGES was set to True by some imported code; "
+            "Kiln needs it False to detect truncated images"
+        )
+    path = Path(path)
+    try:
+        if path.stat().st_size == 0:
+            return "empty file (0 bytes)"
+        with Image.open(path) as img:
+            if img.format == "JPEG":
+                # Decoding at 1/8 scale still reads every byte, so truncation is caught, at a fraction of the cost.
+                img.draft("RGB", (max(1, img.width // 8), max(1, img.height // 8)))
+            img.load()
+            if img.width < 1 or img.height < 1:
+                return "image has no pixels"
+    except UnidentifiedImageError:
+        return "cannot identify image file (not an image, or an unsupported format)"
+    except Image.DecompressionBombError as exc:
+        return f"too large to decode safely ({exc})"
+    except OSError as exc:
+        text = str(exc)
+        if "truncated" in text.lower():
+            return f"truncated ({text})"
+        return text or type(exc).__name__
+    except (ValueError, SyntaxError, EOFError, MemoryError) as exc:  # Pillow's plugins raise these on bad data
+        return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    return None
+
+
+def resize_and_crop(
+    img: Image.Image,
+    width: int,
+    height: int,
+    random_crop: bool = False,
+    rng: random.Random | None = None,
+) -> Image.Image:
+    """Resize to cover width×height keeping the aspect ratio, then crop to exactly width×height.
+
+    Lanczos filtering in Pillow widens its kernel when shrinking, so it averages like an area filter.
+    The crop is centred unless `random_crop`, which draws the offset from `rng` (or the global `random`).
+    """
+    if width < 1 or height < 1:
+        raise ValueError(f"target size must be positive, got {width}x{height}")
+    src_w, src_h = img.size
+    scale = max(width / src_w, height / src_h)
+    new_w = max(width, round(src_w * scale))
+    new_h = max(height, round(src_h * scale))
+    if (new_w, new_h) != (src_w, src_h):
+        img = img.resize((new_w, new_h), Image.Resampling.LANCZOS)
+    if random_crop:
+        source = rng if rng is not None else random
+        left = source.randint(0, new_w - width)
+        top = source.randint(0, new_h - height)
+    else:
+        left = (new_w - width) // 2
+        top = (new_h - height) // 2
+    return img.crop((left, top, left + width, top + height))
+
+
+def to_tensor(img: Image.Image) -> torch.Tensor:
+    """Float tensor [3, H, W] in [-1, 1] (the range the VAE expects)."""
+    arr = np.asarray(to_rgb(img), dtype=np.uint8)
+    tensor = torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
+    return tensor.to(torch.float32) / 127.5 - 1.0
