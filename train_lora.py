@@ -9,11 +9,15 @@ from __future__ import annotations
 
 import sys
 
-from library.config import LoraRunConfig
-from library.lora_training import LoraTrainable, lora_metadata
-from library.models import load_model
-from library.run import prepare_run
-from library.trainer import Trainer
+from library.quiet import quiet_libraries
+
+quiet_libraries()  # before the imports below pull in peft, diffusers and transformers
+
+from library.config import LoraRunConfig  # noqa: E402
+from library.lora_training import LoraTrainable, lora_metadata  # noqa: E402
+from library.models import load_model  # noqa: E402
+from library.run import prepare_run  # noqa: E402
+from library.trainer import Trainer  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -64,7 +64,7 @@ def prune_intermediates(output_dir: Path, name: str, suffix: str, keep_last: int
     if keep_last <= 0:
         return []
     removed = []
-    for kind in (rf"-\d{{6}}", rf"-step\d{{8}}"):
+    for kind in (r"-\d{6}", r"-step\d{8}"):
         pattern = re.compile(rf"^{re.escape(name)}{kind}{re.escape(suffix)}$")
         files = sorted(p for p in output_dir.iterdir() if pattern.match(p.name))
         for old in files[:-keep_last]:

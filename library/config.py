@@ -170,11 +170,18 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return keys, value
 
 
+# Keys where setting one on the command line replaces the other from the file (steps vs epochs).
+EXCLUSIVE_KEYS = {("train", "max_steps"): ("train", "epochs"), ("train", "epochs"): ("train", "max_steps")}
+
+
 def apply_overrides(data: dict, overrides: list[str]) -> set[tuple[str, ...]]:
     """Set each override in `data`; returns the key paths that came from the command line."""
     touched = set()
     for text in overrides:
         keys, value = parse_override(text)
+        other = EXCLUSIVE_KEYS.get(tuple(keys))
+        if other and isinstance(data.get(other[0]), dict) and other not in touched:
+            data[other[0]].pop(other[1], None)
         node = data
         for k in keys[:-1]:
             node = node.setdefault(k, {})

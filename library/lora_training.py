@@ -35,6 +35,8 @@ class LoraTrainable:
         parts.unet.requires_grad_(False)
         parts.text_encoder.requires_grad_(False)
         self.models: dict[str, tuple[torch.nn.Module, list[lora.Target], float]] = {}
+        # peft draws the lora_down init from the global RNG: seed it so the same config gives the same run
+        torch.manual_seed(config.train.seed)
         if net.train_unet:
             targets = lora.unet_targets(parts.unet, with_conv=net.conv_rank > 0)
             lora.add_lora(parts.unet, targets, spec)

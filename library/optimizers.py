@@ -6,19 +6,14 @@ package the run does not use. Problems surface as OptimizerError with a one-line
 
 from __future__ import annotations
 
-import contextlib
 import difflib
 import importlib
 import inspect
-import io
-import logging
-import os
-import sys
-import warnings
-from collections.abc import Iterator
 from typing import Any
 
 import torch
+
+from library.quiet import silenced
 
 OPTIMIZER_NAMES: tuple[str, ...] = (
     "AdamW", "AdamW8bit", "Lion", "DAdaptAdam", "Adafactor", "Prodigy", "SGDNesterov",
@@ -82,37 +77,9 @@ def uses_relative_step(name: str, args: dict) -> bool:
     return canonical_optimizer_name(name) == "Adafactor" and bool((args or {}).get("relative_step", False))
 
 
-@contextlib.contextmanager
-def _silenced() -> Iterator[None]:
-    """Swallow stdout/stderr (Python- and fd-level), logging and warnings, e.g. bitsandbytes' import banner."""
-    sink = io.StringIO()
-    saved_fds: list[tuple[int, int]] = []
-    previous_disable = logging.root.manager.disable
-    try:
-        for stream in (sys.stdout, sys.stderr):
-            try:
-                stream.flush()
-                fd = stream.fileno()
-            except (AttributeError, OSError, ValueError):
-                continue  # no real fd (e.g. captured or GUI); Python-level redirect still applies
-            devnull = os.open(os.devnull, os.O_WRONLY)
-            saved_fds.append((fd, os.dup(fd)))
-            os.dup2(devnull, fd)
-            os.close(devnull)
-        logging.disable(logging.CRITICAL)
-        with warnings.catch_warnings(), contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        logging.disable(previous_disable)
-        for fd, saved in reversed(saved_fds):
-            os.dup2(saved, fd)
-            os.close(saved)
-
-
 def _import_quietly(module: str, optimizer: str, package: str) -> Any:
     try:
-        with _silenced():
+        with silenced():
             return importlib.import_module(module)
     except Exception as exc:  # an import can fail with anything (missing CUDA libs, ABI mismatch ...)
         if optimizer == "AdamW8bit":
@@ -215,7 +182,7 @@ def _probe_bitsandbytes(cls: type, param_groups: list[dict]) -> None:
     if _bnb_probe_ok.get(str(device)):
         return
     try:
-        with _silenced():
+        with silenced():
             probe = torch.nn.Parameter(torch.ones(_BNB_PROBE_NUMEL, device=device))
             opt = cls([probe], lr=1e-3)
             probe.grad = torch.ones_like(probe)

@@ -46,7 +46,7 @@ class TrainingPlan:
         else:
             lines.append(
                 f"total steps       : {self.total_steps} (max_steps) → ceil({self.total_steps} / "
-                f"{self.steps_per_epoch}) = {self.epochs} epochs, the last one partial"
+                f"{self.steps_per_epoch}) = {self.epochs} epoch(s), the last one partial"
             )
         return lines
 

@@ -36,7 +36,7 @@ def parse_args(argv: list[str] | None, description: str) -> argparse.Namespace:
     parser.add_argument("--check", action="store_true",
                         help="validate the config, print it and the dataset summary, then exit without training")
     parser.add_argument("--print-config", action="store_true", help="print the fully resolved config as TOML and exit")
-    return parser.parse_args(argv)
+    return parser.parse_intermixed_args(argv)  # options may come before or after the overrides
 
 
 def config_subsets(config: RunConfig) -> list[Subset]:

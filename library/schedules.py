@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch.optim.lr_scheduler import LambdaLR, LRScheduler
 
-from library.optimizers import _silenced
+from library.quiet import silenced
 
 SCHEDULER_NAMES: tuple[str, ...] = (
     "constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial",
@@ -64,7 +64,7 @@ def resolve_warmup_steps(total_steps: int, warmup_steps: int = 0, warmup_ratio: 
 
 
 def _adafactor_schedule(optimizer: torch.optim.Optimizer) -> LRScheduler:
-    with _silenced():  # transformers.optimization imports peft -> bitsandbytes, which prints a banner
+    with silenced():  # transformers.optimization imports peft -> bitsandbytes, which prints a banner
         module = importlib.import_module("transformers.optimization")
     return module.AdafactorSchedule(optimizer)
 

@@ -1,0 +1,114 @@
+"""The Stable Diffusion CLIP tokenizer, built offline.
+
+SD1 and SD2 both use OpenAI's CLIP byte-level BPE vocabulary. The vocabulary file ships inside the
+open-clip-torch package, so the tokenizer can be rebuilt without the Hugging Face hub: the token table is
+made exactly as OpenAI's ``SimpleTokenizer`` makes it (256 byte symbols, their ``</w>`` variants, one entry
+per merge, then the two special tokens), which gives the same ids as ``openai/clip-vit-large-patch14``.
+"""
+
+from __future__ import annotations
+
+import gzip
+import importlib.util
+from functools import lru_cache
+from pathlib import Path
+
+from transformers import CLIPTokenizer
+
+BPE_FILE_NAME = "bpe_simple_vocab_16e6.txt.gz"
+MODEL_MAX_LENGTH = 77
+VOCAB_SIZE = 49408
+BOS_TOKEN = "<|startoftext|>"
+EOS_TOKEN = "<|endoftext|>"
+# SD1 pads with the end token; SD2 (OpenCLIP) pads with "!" (id 0). The padded positions change the
+# text-encoder output, so using the wrong one silently shifts every conditioning vector.
+PAD_TOKENS = {"sd1": EOS_TOKEN, "sd2": "!"}
+# OpenAI keeps the first 48,894 merges of the file (49408 - 256 bytes - 256 '</w>' bytes - 2 special).
+_NUM_MERGES = VOCAB_SIZE - 2 * 256 - 2
+
+
+class TokenizerUnavailable(RuntimeError):
+    """The CLIP vocabulary file cannot be found or read."""
+
+
+def bpe_vocab_path() -> Path:
+    """Locate ``bpe_simple_vocab_16e6.txt.gz`` inside the installed open-clip-torch package.
+
+    The package is found with ``importlib.util.find_spec`` and never imported: importing open_clip pulls in
+    torchvision, which is not installed beside the CPU torch.
+    """
+    spec = importlib.util.find_spec("open_clip")
+    if spec is None or not spec.submodule_search_locations:
+        raise TokenizerUnavailable(
+            "The CLIP vocabulary comes from the open-clip-torch package, which is not installed. "
+            "Install it without its dependencies: pip install --no-deps -r requirements-nodeps.txt"
+        )
+    for folder in spec.submodule_search_locations:
+        candidate = Path(folder) / BPE_FILE_NAME
+        if candidate.is_file():
+            return candidate
+    raise TokenizerUnavailable(
+        f"open-clip-torch is installed but {BPE_FILE_NAME} is missing from {list(spec.submodule_search_locations)}; "
+        "reinstall it: pip install --no-deps --force-reinstall -r requirements-nodeps.txt"
+    )
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """OpenAI's reversible map from the 256 byte values to printable unicode characters.
+
+    Printable Latin-1 bytes map to themselves; the rest are shifted above U+0100 in byte order. The dict's
+    insertion order is the order of the first 256 vocabulary entries.
+    """
+    printable = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
+    byte_values = printable[:]
+    code_points = printable[:]
+    shift = 0
+    for byte in range(256):
+        if byte not in printable:
+            byte_values.append(byte)
+            code_points.append(256 + shift)
+            shift += 1
+    return dict(zip(byte_values, (chr(c) for c in code_points)))
+
+
+@lru_cache(maxsize=1)
+def _vocab_and_merges() -> tuple[dict[str, int], tuple[tuple[str, str], ...]]:
+    """Token→id table and merge list, read once per process (the file is 1.3 MB compressed)."""
+    path = bpe_vocab_path()
+    try:
+        lines = gzip.open(path).read().decode("utf-8").split("\n")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise TokenizerUnavailable(f"Cannot read the CLIP vocabulary {path}: {exc}") from exc
+    # Line 0 is the "#version" header; the rest are "left right" merges in priority order.
+    merges = tuple(tuple(line.split()) for line in lines[1 : 1 + _NUM_MERGES])
+    if len(merges) != _NUM_MERGES or any(len(m) != 2 for m in merges):
+        raise TokenizerUnavailable(f"{path} is not the CLIP BPE vocabulary (unexpected merge list); reinstall open-clip-torch")
+    symbols = list(bytes_to_unicode().values())
+    tokens = symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges] + [BOS_TOKEN, EOS_TOKEN]
+    vocab = {token: index for index, token in enumerate(tokens)}
+    if len(vocab) != VOCAB_SIZE:
+        raise TokenizerUnavailable(f"{path} produced {len(vocab)} tokens instead of {VOCAB_SIZE}; reinstall open-clip-torch")
+    return vocab, merges  # type: ignore[return-value]
+
+
+def build_clip_tokenizer(family: str = "sd1") -> CLIPTokenizer:
+    """A fresh CLIPTokenizer for ``family`` ("sd1" or "sd2"), built without network access.
+
+    A new object is returned on every call because textual inversion adds tokens to it.
+    """
+    if family not in PAD_TOKENS:
+        raise ValueError(f"unknown model family {family!r}; expected one of {sorted(PAD_TOKENS)}")
+    vocab, merges = _vocab_and_merges()
+    return CLIPTokenizer(
+        vocab=dict(vocab),
+        merges=list(merges),
+        bos_token=BOS_TOKEN,
+        eos_token=EOS_TOKEN,
+        unk_token=EOS_TOKEN,
+        pad_token=PAD_TOKENS[family],
+        model_max_length=MODEL_MAX_LENGTH,
+    )

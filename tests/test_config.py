@@ -1,0 +1,129 @@
+"""Config loading: every shipped preset validates; every kind of mistake is reported with its location."""
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from library.config import ConfigError, LoraRunConfig, config_to_toml, load_config, parse_override
+
+REPO = Path(__file__).resolve().parent.parent
+CONFIGS = sorted((REPO / "configs").glob("*.toml"))
+MINIMAL = """
+[model]
+path = "builtin:tiny-sd15"
+[dataset]
+train_dir = "{train}"
+[train]
+max_steps = 10
+"""
+
+
+def config_class_for(path: Path):
+    # presets name their trainer in the file name; every preset today is a LoRA one or shares its sections
+    return LoraRunConfig
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_every_shipped_config_validates(path, monkeypatch):
+    monkeypatch.chdir(REPO)
+    config = load_config(path, [], config_class_for(path))
+    assert config.model.path
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    (tmp_path / "train" / "5_cat").mkdir(parents=True, exist_ok=True)
+    path = tmp_path / "run.toml"
+    path.write_text(text.replace("{train}", str(tmp_path / "train").replace("\\", "/")), encoding="utf-8")
+    return path
+
+
+def problems_of(path, overrides=()) -> list[str]:
+    with pytest.raises(ConfigError) as info:
+        load_config(path, list(overrides), LoraRunConfig)
+    return info.value.problems
+
+
+def test_minimal_config_loads_with_defaults(tmp_path):
+    config = load_config(write(tmp_path, MINIMAL), [], LoraRunConfig)
+    assert config.train.max_steps == 10
+    assert config.network.rank == 16 and config.optimizer.name == "AdamW"
+
+
+def test_all_problems_reported_together_with_locations(tmp_path):
+    text = MINIMAL + """
+[network]
+rnak = 4
+dropout = 2.0
+[optimizer]
+name = "AdamW9bit"
+[save]
+precision = "fp8"
+"""
+    text = text.replace('train_dir = "{train}"', 'train_dir = "{train}"\nreg_dir = "no/such/folder"')
+    problems = problems_of(write(tmp_path, text))
+    joined = "\n".join(problems)
+    assert len(problems) == 5, joined
+    assert "unknown key 'network.rnak'; did you mean 'rank'?" in joined
+    assert "run.toml:11" in joined  # the line of `rnak = 4`
+    assert "'network.dropout' = 2.0" in joined
+    assert "'save.precision' = 'fp8'" in joined
+    assert "dataset.reg_dir: folder not found: no/such/folder" in joined
+    assert "optimizer.name" in joined and "AdamW8bit" in joined  # did-you-mean from the registry
+
+
+def test_unknown_section_is_an_error(tmp_path):
+    problems = problems_of(write(tmp_path, MINIMAL + "[trian]\nseed = 1\n"))
+    assert any("unknown key 'trian'" in p and "did you mean 'train'" in p for p in problems)
+
+
+def test_wrong_type_names_key_and_value(tmp_path):
+    problems = problems_of(write(tmp_path, MINIMAL.replace("max_steps = 10", 'max_steps = "ten"')))
+    assert any("'train.max_steps' = 'ten'" in p for p in problems)
+
+
+def test_steps_or_epochs_exactly_one(tmp_path):
+    problems = problems_of(write(tmp_path, MINIMAL.replace("max_steps = 10", "max_steps = 10\nepochs = 2")))
+    assert any("exactly one of train.max_steps and train.epochs" in p for p in problems)
+
+
+def test_missing_required_and_bad_model_path(tmp_path):
+    text = MINIMAL.replace('path = "builtin:tiny-sd15"', 'path = "models/nope.safetensors"')
+    problems = problems_of(write(tmp_path, text))
+    assert any(p.startswith("model.path:") and "nope.safetensors" in p for p in problems)
+    problems = problems_of(write(tmp_path, MINIMAL.replace("[train]\nmax_steps = 10", "")))
+    assert any("'train' is required" in p for p in problems)
+
+
+def test_overrides_apply_and_are_typed(tmp_path):
+    path = write(tmp_path, MINIMAL)
+    config = load_config(path, ["train.max_steps=25", "network.rank=4", "save.name=my run", "optimizer.lr=3e-4"],
+                         LoraRunConfig)
+    assert config.train.max_steps == 25 and config.network.rank == 4
+    assert config.save.name == "my run" and config.optimizer.lr == pytest.approx(3e-4)
+    problems = problems_of(path, ["train.max_stesp=5"])
+    assert problems == ["command-line override: unknown key 'train.max_stesp'; did you mean 'max_steps'?"]
+    assert parse_override("optimizer.args={weight_decay=0.1}") == (["optimizer", "args"], {"weight_decay": 0.1})
+    with pytest.raises(ValueError, match="section.key=value"):
+        parse_override("max_steps")
+
+
+def test_random_crop_with_cached_latents_is_refused(tmp_path):
+    text = MINIMAL.replace('train_dir = "{train}"', 'train_dir = "{train}"\nrandom_crop = true')
+    problems = problems_of(write(tmp_path, text))
+    assert any("random_crop" in p and "cache_latents" in p for p in problems)
+
+
+def test_print_config_round_trips(tmp_path):
+    config = load_config(write(tmp_path, MINIMAL), ["network.rank=3"], LoraRunConfig)
+    again = LoraRunConfig.model_validate(tomllib.loads(config_to_toml(config)))
+    assert again == config
+
+
+def test_cli_check_reports_config_errors_without_traceback(tmp_path):
+    path = write(tmp_path, MINIMAL + "[network]\nrnak = 4\n")
+    result = subprocess.run([sys.executable, str(REPO / "train_lora.py"), str(path), "--check"],
+                            capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 2
+    assert "did you mean 'rank'" in result.stderr and "Traceback" not in result.stderr

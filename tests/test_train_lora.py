@@ -1,0 +1,185 @@
+"""train_lora.py end to end on the built-in tiny model: it learns, saves what tools load, and resumes exactly."""
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+import train_lora
+from library import lora
+from library.conditioning import encode_text, tokenize
+from library.diffusion_loss import fixed_denoising_loss
+from library.images import load_image, resize_and_crop, to_tensor
+from library.models import build_builtin
+from library.trainer import Trainer
+from library.training_data import encode_latents
+
+REPO = Path(__file__).resolve().parent.parent
+SAMPLES = REPO / "examples" / "sample_dataset" / "train"
+
+
+def config_text(tmp: Path, **extra: str) -> Path:
+    dataset = tmp / "train"
+    if not dataset.exists():
+        shutil.copytree(SAMPLES, dataset)
+    text = f"""
+[model]
+path = "builtin:tiny-sd15"
+[dataset]
+train_dir = "{dataset.as_posix()}"
+resolution = 64
+[network]
+rank = 4
+alpha = 4
+[optimizer]
+lr = 2e-3
+[train]
+max_steps = 6
+batch_size = 2
+seed = 7
+[save]
+output_dir = "{(tmp / 'out').as_posix()}"
+name = "t"
+[logging]
+log_dir = "{(tmp / 'logs').as_posix()}"
+"""
+    path = tmp / "run.toml"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def run(path: Path, *overrides: str) -> int:
+    return train_lora.main([str(path), *overrides])
+
+
+def image_latents_and_captions(train_dir: Path):
+    parts = build_builtin("tiny-sd15")
+    images = sorted(p for p in train_dir.rglob("*") if p.suffix in (".png", ".jpg"))
+    pixels = torch.stack([to_tensor(resize_and_crop(load_image(p), 64, 64)) for p in images])
+    latents = encode_latents(parts.vae, pixels, torch.Generator().manual_seed(0))
+    captions = [p.with_suffix(".txt").read_text(encoding="utf-8").strip() for p in images]
+    return parts, latents, captions
+
+
+def denoising_loss(parts, latents, captions) -> float:
+    with torch.no_grad():
+        conditioning = encode_text(parts.text_encoder, tokenize(parts.tokenizer, captions))
+    return fixed_denoising_loss(parts.unet, parts.noise_scheduler, latents, conditioning, parts.v_prediction,
+                                timesteps=[100, 300, 500, 700, 900], seed=123)
+
+
+def test_training_lowers_denoising_loss_and_file_has_kohya_layout(tmp_path):
+    path = config_text(tmp_path)
+    assert run(path, "train.max_steps=40", "network.rank=8", "dataset.flip_aug=false") == 0
+    out = tmp_path / "out" / "t.safetensors"
+    weights = load_file(str(out))
+    with safe_open(str(out), "pt") as f:
+        meta = f.metadata()
+    assert meta["ss_network_dim"] == "8" and meta["ss_network_alpha"] == "4"
+    assert meta["ss_steps"] == "40" and meta["ss_base_model_version"] == "sd_v1"
+    assert meta["modelspec.architecture"] == "stable-diffusion-v1/lora"
+    assert json.loads(meta["ss_dataset_dirs"])["10_kiln pot"]["n_repeats"] == 10
+    assert "kiln pot" in json.loads(meta["ss_tag_frequency"])["10_kiln pot"]
+    assert any(k.startswith("lora_te_text_model_encoder_layers_") for k in weights)
+    assert any(k.startswith("lora_unet_") for k in weights)
+    assert all(v.dtype == torch.float16 for v in weights.values())  # save.precision default
+
+    parts, latents, captions = image_latents_and_captions(tmp_path / "train")
+    before = denoising_loss(parts, latents, captions)
+    lora.merge_lora({lora.UNET_PREFIX: parts.unet, lora.TE_PREFIX: parts.text_encoder},
+                    {k: v.float() for k, v in weights.items()})
+    after = denoising_loss(parts, latents, captions)
+    assert after < before * 0.97, (before, after)
+
+    events = list((tmp_path / "logs").rglob("events.out.tfevents.*"))
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    accumulator = EventAccumulator(str(events[0].parent))
+    accumulator.Reload()
+    tags = set(accumulator.Tags()["scalars"])
+    assert {"loss/current", "loss/average", "loss/epoch", "lr/unet", "lr/text_encoder"} <= tags
+    assert len(accumulator.Scalars("loss/current")) == 40
+
+
+def test_existing_output_is_not_overwritten(tmp_path, capsys):
+    path = config_text(tmp_path)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "t.safetensors").write_bytes(b"earlier run")
+    with pytest.raises(SystemExit) as info:
+        run(path)
+    assert info.value.code == 2
+    assert "already holds output of a run named 't'" in capsys.readouterr().err
+    assert (tmp_path / "out" / "t.safetensors").read_bytes() == b"earlier run"
+
+
+def test_check_prints_summary_with_arithmetic_and_does_not_train(tmp_path, capsys):
+    path = config_text(tmp_path)
+    assert run(path, "--check", "train.max_steps=100") == 0
+    out = capsys.readouterr().out
+    assert "60 training samples" in out  # 6 images × 10 repeats
+    assert "ceil(60 / batch size 2) = 30" in out
+    assert "ceil(100 / 30) = 4 epoch(s)" in out
+    assert not (tmp_path / "out").exists()
+
+
+RESUME_ARGS = ("train.max_steps=6", "train.gradient_accumulation_steps=2", "dataset.flip_aug=true",
+               "dataset.shuffle_caption=true", "network.dropout=0.1", "optimizer.scheduler=cosine",
+               "optimizer.warmup_steps=2", "dataset.cache_latents=off")
+
+
+def final_weights(folder: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(folder / "t.safetensors"))
+
+
+def assert_same(a: dict, b: dict):
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.allclose(a[key].float(), b[key].float(), atol=1e-3, rtol=1e-3), key
+
+
+def test_resume_and_ctrl_c_end_with_the_same_weights(tmp_path, monkeypatch, capsys):
+    path = config_text(tmp_path)
+    out = tmp_path / "out"
+    # 1) uninterrupted, keeping a resumable state at step 3
+    assert run(path, *RESUME_ARGS, "save.every_n_steps=3", "save.save_state=true", "save.precision=fp32") == 0
+    reference = final_weights(out)
+    state = out / "t-step00000003-state"
+    assert json.loads((state / "progress.json").read_text())["global_step"] == 3
+
+    # 2) resume from the step-3 state in a fresh output folder
+    assert run(path, *RESUME_ARGS, f"save.resume={state.as_posix()}", f"save.output_dir={(tmp_path / 'b').as_posix()}",
+               "save.precision=fp32") == 0
+    assert_same(reference, final_weights(tmp_path / "b"))
+
+    # 3) Ctrl-C during step 3 saves step 2 and its state; resuming from it ends identically
+    original = Trainer._optimizer_step
+    calls = {"n": 0}
+
+    def interrupt_on_third(self, loop):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return original(self, loop)
+
+    monkeypatch.setattr(Trainer, "_optimizer_step", interrupt_on_third)
+    c_out = (tmp_path / "c").as_posix()
+    with pytest.raises(SystemExit) as info:
+        run(path, *RESUME_ARGS, f"save.output_dir={c_out}", "save.precision=fp32")
+    assert info.value.code == 130
+    assert "resume with: save.resume=" in capsys.readouterr().out
+    interrupted = tmp_path / "c" / "t-step00000002-state"
+    assert (tmp_path / "c" / "t-step00000002.safetensors").is_file() and interrupted.is_dir()
+    monkeypatch.setattr(Trainer, "_optimizer_step", original)
+    assert run(path, *RESUME_ARGS, f"save.output_dir={c_out}", f"save.resume={interrupted.as_posix()}",
+               "save.precision=fp32") == 0
+    assert_same(reference, final_weights(tmp_path / "c"))
+
+
+def test_epoch_saves_are_named_and_pruned(tmp_path):
+    path = config_text(tmp_path)
+    # 60 samples / batch 6 = 10 steps per epoch; 4 epochs; save every epoch, keep the last 2
+    assert run(path, "train.max_steps=40", "train.batch_size=6", "save.every_n_epochs=1", "save.keep_last=2") == 0
+    names = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert names == ["t-000002.safetensors", "t-000003.safetensors", "t.safetensors"]
