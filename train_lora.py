@@ -16,7 +16,7 @@ quiet_libraries()  # before the imports below pull in peft, diffusers and transf
 from library.config import LoraRunConfig  # noqa: E402
 from library.lora_training import LoraTrainable, lora_metadata  # noqa: E402
 from library.models import load_model  # noqa: E402
-from library.run import prepare_run  # noqa: E402
+from library.run import fail, prepare_run  # noqa: E402
 from library.trainer import Trainer  # noqa: E402
 
 
@@ -27,7 +27,10 @@ def main(argv: list[str] | None = None) -> int:
     config = run.config
     v_param = None if config.model.v_parameterization == "auto" else config.model.v_parameterization
     parts = load_model(config.model.path, v_param, config.model.config_dir or None)
-    trainable = LoraTrainable(parts, config, lora_metadata(config, parts, run.scan, run.plan))
+    try:
+        trainable = LoraTrainable(parts, config, lora_metadata(config, parts, run.scan, run.plan))
+    except ValueError as err:  # e.g. network.init_weights of another rank
+        fail(str(err))
     print(trainable.describe())
     Trainer(config, parts, trainable, run.data, run.plan).train()
     return 0

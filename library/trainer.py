@@ -9,6 +9,7 @@ from typing import Protocol
 
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState, GradientState
 
 from library.attention import select_attention
 from library.checkpoints import (Progress, epoch_file, final_file, load_state, prune_intermediates, save_state,
@@ -90,6 +91,10 @@ class Trainer:
     # ---------------------------------------------------------------- set-up
     def _setup(self) -> LoopParts:
         train = self.config.train
+        # accelerate keeps process-wide state; a second run in one process (tests, notebooks) may change
+        # mixed precision, which accelerate otherwise refuses
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
         accelerator = Accelerator(mixed_precision=train.mixed_precision, cpu=resolve_device(train).type == "cpu")
         device = accelerator.device
         weight_dtype = WEIGHT_DTYPES[train.mixed_precision]
@@ -105,7 +110,8 @@ class Trainer:
         if train.gradient_checkpointing:
             parts.unet.enable_gradient_checkpointing()
             if self.trainable.trains_text_encoder:
-                parts.text_encoder.gradient_checkpointing_enable()
+                encoder = parts.text_encoder  # transformers 5 renamed the method; 4.x readers keep the old one
+                getattr(encoder, "activation_checkpointing_enable", encoder.gradient_checkpointing_enable)()
         parts.vae.requires_grad_(False)
 
         opt = self.config.optimizer

@@ -1,0 +1,109 @@
+"""train_lora.py on the other paths users take: SD2 v-prediction from a single file, reg images, mixed
+precision with gradient checkpointing, bad images, continuing from a LoRA file, impossible devices."""
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+import train_lora
+from library.models import build_builtin, save_single_file
+
+REPO = Path(__file__).resolve().parent.parent
+SAMPLES = REPO / "examples" / "sample_dataset"
+
+
+def make_config(tmp: Path, model: str, extra: str = "") -> Path:
+    if not (tmp / "data").exists():
+        shutil.copytree(SAMPLES, tmp / "data")
+    text = f"""
+[model]
+path = "{model}"
+[dataset]
+train_dir = "{(tmp / 'data' / 'train').as_posix()}"
+resolution = 64
+[network]
+rank = 2
+alpha = 1
+[train]
+max_steps = 3
+seed = 1
+[save]
+output_dir = "{(tmp / 'out').as_posix()}"
+name = "v"
+[logging]
+log_dir = "{(tmp / 'logs').as_posix()}"
+{extra}
+"""
+    path = tmp / "run.toml"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def metadata(path: Path) -> dict:
+    with safe_open(str(path), "pt") as f:
+        return f.metadata()
+
+
+def test_sd2_v_prediction_single_file_with_reg_bf16_and_checkpointing(tmp_path, capsys):
+    model_file = tmp_path / "tiny-sd2.safetensors"
+    save_single_file(build_builtin("tiny-sd2"), model_file, dtype=torch.float32)
+    path = make_config(tmp_path, model_file.as_posix())
+    overrides = [f"dataset.reg_dir={(tmp_path / 'data' / 'reg').as_posix()}", "dataset.prior_loss_weight=0.5",
+                 "train.mixed_precision=bf16", "train.gradient_checkpointing=true", "train.min_snr_gamma=5",
+                 "train.noise_offset=0.05", "model.clip_skip=2", "network.conv_rank=2", "train.batch_size=2"]
+    assert train_lora.main([str(path), *overrides]) == 0
+    out = capsys.readouterr().out
+    assert "attention: PyTorch SDPA" in out  # the one-line backend report
+    assert "regularisation samples" in out
+    meta = metadata(tmp_path / "out" / "v.safetensors")
+    assert meta["ss_base_model_version"] == "sd_v2_v" and meta["modelspec.prediction_type"] == "v"
+    assert meta["ss_num_reg_images"] == "60"  # 4 reg images balanced up to the 60 training samples
+    assert json.loads(meta["ss_network_args"])["conv_dim"] == "2"
+    weights = load_file(str(tmp_path / "out" / "v.safetensors"))
+    assert all(torch.isfinite(v.float()).all() for v in weights.values())
+    assert any("resnets" in k for k in weights)
+
+
+def test_bad_image_stops_the_run_unless_skipped(tmp_path, capsys):
+    path = make_config(tmp_path, "builtin:tiny-sd15")
+    bad = tmp_path / "data" / "train" / "10_kiln pot" / "broken.jpg"
+    good = (tmp_path / "data" / "train" / "10_kiln pot" / "kiln_pot_02.jpg").read_bytes()
+    bad.write_bytes(good[: len(good) // 2])
+    with pytest.raises(SystemExit) as info:
+        train_lora.main([str(path)])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "broken.jpg" in err and "skip_bad_images" in err
+    assert train_lora.main([str(path), "dataset.skip_bad_images=true"]) == 0
+    assert metadata(tmp_path / "out" / "v.safetensors")["ss_num_train_images"] == "60"
+
+
+def test_continue_from_lora_file(tmp_path, capsys):
+    path = make_config(tmp_path, "builtin:tiny-sd15")
+    assert train_lora.main([str(path), "save.precision=fp32"]) == 0
+    first = tmp_path / "out" / "v.safetensors"
+    assert train_lora.main([str(path), f"network.init_weights={first.as_posix()}", "save.name=v2",
+                            "optimizer.lr=1e-12", "save.precision=fp32"]) == 0
+    assert "modules loaded" in capsys.readouterr().out
+    a, b = load_file(str(first)), load_file(str(tmp_path / "out" / "v2.safetensors"))
+    # with a negligible lr the continued network is the file it started from
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    with pytest.raises(SystemExit) as info:
+        train_lora.main([str(path), f"network.init_weights={first.as_posix()}", "save.name=v3", "network.rank=4"])
+    assert info.value.code == 2
+    assert "file has rank 2, the network is configured with rank 4" in capsys.readouterr().err
+
+
+def test_impossible_device_fails_before_model_loads(tmp_path, capsys, monkeypatch):
+    path = make_config(tmp_path, "builtin:tiny-sd15")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit):
+        train_lora.main([str(path), "train.device=cuda"])
+    assert "no CUDA device" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        train_lora.main([str(path), "train.mixed_precision=fp16"])
+    assert "fp16' needs a GPU" in capsys.readouterr().err
