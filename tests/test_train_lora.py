@@ -73,7 +73,8 @@ def denoising_loss(parts, latents, captions) -> float:
 
 def test_training_lowers_denoising_loss_and_file_has_kohya_layout(tmp_path):
     path = config_text(tmp_path)
-    assert run(path, "train.max_steps=40", "network.rank=8", "dataset.flip_aug=false") == 0
+    assert run(path, "train.max_steps=40", "network.rank=8", "dataset.flip_aug=false",
+               "network.unet_lr=2e-3", "network.text_encoder_lr=5e-4") == 0
     out = tmp_path / "out" / "t.safetensors"
     weights = load_file(str(out))
     with safe_open(str(out), "pt") as f:
@@ -101,6 +102,8 @@ def test_training_lowers_denoising_loss_and_file_has_kohya_layout(tmp_path):
     tags = set(accumulator.Tags()["scalars"])
     assert {"loss/current", "loss/average", "loss/epoch", "lr/unet", "lr/text_encoder"} <= tags
     assert len(accumulator.Scalars("loss/current")) == 40
+    assert accumulator.Scalars("lr/unet")[-1].value == pytest.approx(2e-3)  # separate learning rates
+    assert accumulator.Scalars("lr/text_encoder")[-1].value == pytest.approx(5e-4)
 
 
 def test_existing_output_is_not_overwritten(tmp_path, capsys):

@@ -107,3 +107,49 @@ def test_impossible_device_fails_before_model_loads(tmp_path, capsys, monkeypatc
     with pytest.raises(SystemExit):
         train_lora.main([str(path), "train.mixed_precision=fp16"])
     assert "fp16' needs a GPU" in capsys.readouterr().err
+
+
+def test_same_config_same_weights_and_memory_cache_encodes_each_image_once(tmp_path, monkeypatch):
+    from diffusers import AutoencoderKL
+
+    calls = {"images": 0}
+    original = AutoencoderKL.encode
+
+    def counting(self, x, *args, **kwargs):
+        calls["images"] += x.shape[0]
+        return original(self, x, *args, **kwargs)
+
+    monkeypatch.setattr(AutoencoderKL, "encode", counting)
+    path = make_config(tmp_path, "builtin:tiny-sd15")
+    args = [str(path), "dataset.flip_aug=true", "train.max_steps=8", "save.precision=fp32"]
+    assert train_lora.main(args) == 0
+    assert calls["images"] == 12  # 6 images + their flipped copies, once, though 8 steps ran
+    assert train_lora.main(args + ["save.name=again"]) == 0
+    a, b = load_file(str(tmp_path / "out" / "v.safetensors")), load_file(str(tmp_path / "out" / "again.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_explicit_subsets_and_print_config(tmp_path, capsys):
+    path = make_config(tmp_path, "builtin:tiny-sd15")
+    text = path.read_text().replace(f'train_dir = "{(tmp_path / "data" / "train").as_posix()}"\n', "")
+    text += f"""
+[[dataset.subsets]]
+image_dir = "{(tmp_path / 'data' / 'train' / '10_kiln pot').as_posix()}"
+repeats = 3
+class_tokens = "kiln pot"
+[[dataset.subsets]]
+image_dir = "{(tmp_path / 'data' / 'reg' / '1_pot').as_posix()}"
+repeats = 2
+is_reg = true
+"""
+    path.write_text(text, encoding="utf-8")
+    assert train_lora.main([str(path), "--check"]) == 0
+    out = capsys.readouterr().out
+    assert "6 images x 3 repeats = 18 samples" in out
+    assert "18 training samples + 18 regularisation samples = 36 samples" in out
+    assert train_lora.main([str(path), "--print-config", "network.rank=5"]) == 0
+    printed = capsys.readouterr().out
+    import tomllib
+    resolved = tomllib.loads(printed)
+    assert resolved["network"]["rank"] == 5 and resolved["dataset"]["subsets"][1]["is_reg"] is True
+    assert resolved["optimizer"]["name"] == "AdamW"  # defaults are shown too
