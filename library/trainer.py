@@ -210,7 +210,11 @@ class Trainer:
         if self.progress.global_step >= self.plan.total_steps:
             print(f"the state is already at step {self.progress.global_step} of {self.plan.total_steps}: "
                   "nothing to train; raise train.max_steps / train.epochs to continue")
-        loop.latents.fill()
+        try:
+            loop.latents.fill()
+        except KeyboardInterrupt:
+            print("\ninterrupted while caching latents, before any training step: nothing to save")
+            raise SystemExit(130) from None
         self.trainable.set_train(True)
         log = RunLog(self.config.logging.log_dir, self.config.save.name, self.plan.total_steps,
                      self.progress.global_step)
