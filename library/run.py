@@ -11,13 +11,15 @@ from pathlib import Path
 
 import torch
 
+from library.buckets import assign_buckets, bucket_settings, ignored_bucket_keys
 from library.checkpoints import existing_outputs
 from library.config import ConfigError, RunConfig, config_to_toml, load_config
 from library.dataset import (CaptionOptions, DatasetError, DatasetScan, Subset, balance_reg_items,
                              reg_balance_message, scan_subsets, subsets_from_folder)
+from library.latent_cache import cache_dir_for
 from library.plan import TrainingPlan, make_plan
 from library.trainer import runtime_problems
-from library.training_data import TrainingData
+from library.training_data import TrainingData, text_encoder_cache_problem
 
 
 @dataclass
@@ -65,7 +67,8 @@ def scan_dataset(config: RunConfig) -> DatasetScan:
 
 
 def build_data(config: RunConfig, scan: DatasetScan) -> tuple[TrainingData, TrainingPlan, list[str]]:
-    """Training items (with reg repeats balanced as sd-scripts does), batching and the step plan."""
+    """Training items (with reg repeats balanced as sd-scripts does), buckets, batching and the step plan.
+    The notes hold the reg-balance line and, with buckets, the bucket table."""
     ds, train = config.dataset, config.train
     train_samples = scan.num_train_samples()
     notes = []
@@ -76,9 +79,22 @@ def build_data(config: RunConfig, scan: DatasetScan) -> tuple[TrainingData, Trai
             notes.append(message)
         reg = balance_reg_items(train_samples, reg)
     items = scan.train_items + reg
+    if problem := text_encoder_cache_problem(config):
+        raise ValueError(problem)
+    sizes = None
+    if ds.enable_buckets:
+        buckets = assign_buckets(items, bucket_settings(ds))
+        sizes = buckets.sizes
+        notes.extend(buckets.table_lines(items))
+    elif ignored := ignored_bucket_keys(ds):
+        notes.append(f"{', '.join(ignored)} have no effect while dataset.enable_buckets = false")
+    cache_dir = cache_dir_for(ds) if ds.cache_latents == "disk" else None
+    if cache_dir is not None:
+        notes.append(f"latent cache: {cache_dir} (dataset.cache_latents = \"disk\")")
     captions = CaptionOptions(ds.caption_prefix, ds.caption_suffix, ds.shuffle_caption, ds.keep_tokens,
                               ds.caption_dropout_rate, ds.caption_tag_dropout_rate)
-    data = TrainingData(items, captions, ds.resolution, train.batch_size, train.seed, ds.flip_aug, ds.random_crop)
+    data = TrainingData(items, captions, ds.resolution, train.batch_size, train.seed, ds.flip_aug, ds.random_crop,
+                        sizes, cache_dir, ds.vae_batch_size)
     plan = make_plan(train_samples, sum(i.repeats for i in reg), train.batch_size, len(data.epoch_batches(0)),
                      train.gradient_accumulation_steps, train.max_steps, train.epochs)
     return data, plan, notes

@@ -1,0 +1,105 @@
+#!/usr/bin/env python
+"""Print a config's aspect-ratio buckets and encode its latents into the disk cache, ahead of training.
+
+    python prepare_buckets.py CONFIG [section.key=value ...] [--no-cache] [--workers N] [--device auto|cpu|cuda]
+
+Reads the same TOML as the trainers (it needs only [model] and [dataset]; other sections are left to the
+trainer). Latents go to dataset.cache_dir (default <train_dir>/.kiln-cache), keyed on each image's content,
+size, crop, flip and the VAE, so a later run with dataset.cache_latents = "disk" never runs the VAE on them.
+Interrupted, it keeps what it wrote: run it again to continue. Run it again after editing images or bucket
+settings and only what changed is encoded.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from library.quiet import quiet_libraries
+
+quiet_libraries()  # before the imports below pull in diffusers and transformers
+
+import torch  # noqa: E402
+from pydantic import ConfigDict  # noqa: E402
+
+from library.buckets import assign_buckets, bucket_settings, square_assignment  # noqa: E402
+from library.config import ConfigError, DatasetSection, ModelSection, Section, load_config  # noqa: E402
+from library.dataset import DatasetError, balance_reg_items  # noqa: E402
+from library.latent_cache import DiskLatentCache, LatentEntry, cache_dir_for  # noqa: E402
+from library.run import fail, scan_dataset  # noqa: E402
+
+
+class PrepareConfig(Section):
+    """The sections this script needs; any trainer's other sections are accepted and not checked here."""
+
+    model_config = ConfigDict(extra="ignore", validate_assignment=True)
+    model: ModelSection
+    dataset: DatasetSection
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("config", help="the training TOML config")
+    parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="override config values")
+    parser.add_argument("--no-cache", action="store_true", help="print the bucket table only; encode nothing")
+    parser.add_argument("--workers", type=int, default=0, help="image decoding threads (default: up to 8)")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto",
+                        help="where the VAE runs (auto: CUDA when available)")
+    return parser.parse_intermixed_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        config = load_config(args.config, args.overrides, PrepareConfig)
+    except ConfigError as err:
+        fail(str(err))
+    ds = config.dataset
+    try:
+        scan = scan_dataset(config)
+    except DatasetError as err:
+        fail(str(err))
+    items = scan.train_items + balance_reg_items(scan.num_train_samples(), scan.reg_items)
+    if ds.enable_buckets:
+        buckets = assign_buckets(items, bucket_settings(ds))
+    else:
+        buckets = square_assignment(items, ds.resolution)
+    print("\n".join(scan.summary_lines() + buckets.table_lines(items)))
+    if args.no_cache:
+        return 0
+    if ds.random_crop:
+        print("dataset.random_crop = true draws a new crop every step, so its latents cannot be cached: nothing "
+              "to encode")
+        return 0
+    flips = (False, True) if ds.flip_aug else (False,)
+    entries = [LatentEntry(item.path, w, h, flip) for item, (w, h) in zip(items, buckets.sizes) for flip in flips]
+    folder = cache_dir_for(ds)
+    vae = load_vae(config, args.device)
+    cache = DiskLatentCache(folder, vae)
+    print(f"caching {len(entries)} latents ({len(items)} images{' and their mirror images' if ds.flip_aug else ''}) "
+          f"in {folder}")
+    try:
+        report, _ = cache.ensure(entries, ds.vae_batch_size, args.workers)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: the latents written so far are kept in {folder}; run the same command again to "
+              "continue")
+        return 130
+    print(report.summary(folder))
+    if ds.cache_latents != "disk":
+        print(f'note: this config has dataset.cache_latents = "{ds.cache_latents}"; set it to "disk" for training '
+              "to use this cache")
+    return 0
+
+
+def load_vae(config: PrepareConfig, device: str):
+    """The config's VAE in fp32 (as the trainer encodes), on `device`."""
+    from library.models import load_model
+
+    v_param = None if config.model.v_parameterization == "auto" else config.model.v_parameterization
+    parts = load_model(config.model.path, v_param, config.model.config_dir or None)
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return parts.vae.to(device, torch.float32).eval().requires_grad_(False)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
