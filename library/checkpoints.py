@@ -52,15 +52,16 @@ def state_dir_for(artifact: Path) -> Path:
 
 
 def existing_outputs(output_dir: Path, name: str) -> list[Path]:
-    """Files and state folders an earlier run with this name left in output_dir."""
+    """Files, model folders (no suffix) and state folders an earlier run with this name left in output_dir."""
     if not output_dir.is_dir():
         return []
-    pattern = re.compile(rf"^{re.escape(name)}(-\d{{6}}|-step\d{{8}})?(-state|\.[A-Za-z0-9]+)$")
+    pattern = re.compile(rf"^{re.escape(name)}(-\d{{6}}|-step\d{{8}})?(-state|\.[A-Za-z0-9]+)?$")
     return sorted(p for p in output_dir.iterdir() if pattern.match(p.name))
 
 
 def prune_intermediates(output_dir: Path, name: str, suffix: str, keep_last: int) -> list[Path]:
-    """Delete all but the newest `keep_last` epoch files and step files (each kind separately), with their states."""
+    """Delete all but the newest `keep_last` epoch files and step files (each kind separately), with their states.
+    An artifact may be a folder (a diffusers model, suffix "")."""
     if keep_last <= 0:
         return []
     removed = []
@@ -68,7 +69,10 @@ def prune_intermediates(output_dir: Path, name: str, suffix: str, keep_last: int
         pattern = re.compile(rf"^{re.escape(name)}{kind}{re.escape(suffix)}$")
         files = sorted(p for p in output_dir.iterdir() if pattern.match(p.name))
         for old in files[:-keep_last]:
-            old.unlink()
+            if old.is_dir():
+                shutil.rmtree(old)
+            else:
+                old.unlink()
             state = state_dir_for(old)
             if state.is_dir():
                 shutil.rmtree(state)

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import tomli_w
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class ConfigError(ValueError):
@@ -59,13 +59,58 @@ class DatasetSection(Section):
     flip_aug: bool = False
     random_crop: bool = False
     skip_bad_images: bool = False
-    cache_latents: Literal["memory", "off"] = "memory"
+    # aspect-ratio buckets (library/buckets.py)
+    enable_buckets: bool = False
+    min_bucket_reso: int = Field(0, ge=0, le=8192)  # 0 = resolution / 2
+    max_bucket_reso: int = Field(0, ge=0, le=8192)  # 0 = resolution * 2
+    bucket_reso_steps: int = Field(64, ge=8, le=256, multiple_of=8)  # 64 is safe everywhere; SD1/2 take 32
+    bucket_no_upscale: bool = False
+    # latent and text-encoder caches (library/latent_cache.py)
+    cache_latents: Literal["memory", "disk", "off"] = "memory"
+    cache_dir: str = ""  # disk cache folder; "" = <train_dir>/.kiln-cache
+    vae_batch_size: int = Field(1, ge=1, le=256)
+    cache_text_encoder_outputs: bool = False
 
     @model_validator(mode="after")
     def _crop_needs_fresh_latents(self) -> "DatasetSection":
         if self.random_crop and self.cache_latents != "off":
             raise ValueError("dataset.random_crop changes the crop every step, so cached latents would be stale: "
                              "set dataset.cache_latents = 'off' or dataset.random_crop = false")
+        return self
+
+    @model_validator(mode="after")
+    def _bucket_range(self) -> "DatasetSection":
+        if not self.enable_buckets:
+            return self
+        step, problems = self.bucket_reso_steps, []
+        for key in ("min_bucket_reso", "max_bucket_reso"):
+            value = getattr(self, key)
+            if value and (value % step or value < step):
+                problems.append(f"dataset.{key} = {value} is not a multiple of dataset.bucket_reso_steps = {step}")
+        if self.min_bucket_reso and self.min_bucket_reso > self.resolution:
+            problems.append(f"dataset.min_bucket_reso = {self.min_bucket_reso} is above dataset.resolution = "
+                            f"{self.resolution}")
+        if self.max_bucket_reso and self.max_bucket_reso < self.resolution:
+            problems.append(f"dataset.max_bucket_reso = {self.max_bucket_reso} is below dataset.resolution = "
+                            f"{self.resolution}")
+        if step > self.resolution:
+            problems.append(f"dataset.bucket_reso_steps = {step} is larger than dataset.resolution = {self.resolution}")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    @model_validator(mode="after")
+    def _fixed_captions_for_text_cache(self) -> "DatasetSection":
+        if not self.cache_text_encoder_outputs:
+            return self
+        varying = [f"dataset.{key}" for key, on in (("shuffle_caption", self.shuffle_caption),
+                                                    ("caption_dropout_rate", self.caption_dropout_rate > 0),
+                                                    ("caption_tag_dropout_rate", self.caption_tag_dropout_rate > 0))
+                   if on]
+        if varying:
+            raise ValueError(f"dataset.cache_text_encoder_outputs = true needs captions that never change, but "
+                             f"{' and '.join(varying)} vary them every step: turn those off or set "
+                             "dataset.cache_text_encoder_outputs = false")
         return self
 
 
@@ -355,3 +400,244 @@ def config_to_toml(config: RunConfig) -> str:
     """The fully resolved config as TOML (what --print-config shows and what runs record)."""
     data = config.model_dump(mode="json", exclude_none=True)
     return tomli_w.dumps(data)
+
+
+# ---------------------------------------------------------------- textual inversion (train_textual_inversion.py)
+
+
+class EmbeddingSection(Section):
+    """What textual inversion trains: new token vectors, and how its prompts are built (A1111's Train tab)."""
+
+    name: str  # the trigger word; also the file name (A1111 reads the trigger from it)
+    init_text: str = ""  # its token embeddings start the vectors; "" = zeros, as in A1111
+    vectors: int = Field(1, ge=1, le=75)  # vectors per token: more capture more, but use up the 75-token prompt
+    template: str | list[str] = "subject_filewords"  # a built-in name, a .txt file, or the lines themselves
+    learn_rate: str = ""  # A1111 schedule "0.05:10, 0.02:20, 0.005"; "" = optimizer.lr + optimizer.scheduler
+    shuffle_tags: bool = False  # shuffle the [filewords] tags per step
+    tag_dropout: float = Field(0.0, ge=0, le=1)  # drop each [filewords] tag with this probability per step
+    latent_sampling_method: Literal["once", "deterministic", "random"] = "once"
+    use_alpha_weight: bool = False  # PNG transparency weighs the loss (images without alpha weigh 1)
+    format: Literal["pt", "safetensors"] = "pt"
+    resume: str = ""  # an embedding file (.pt/.safetensors/.png) to continue, with its .optim when present
+    save_optimizer_state: bool = True  # write <file>.optim beside saved .pt files, for resume
+
+    @field_validator("learn_rate", mode="before")
+    @classmethod
+    def _rate_as_text(cls, value: Any) -> Any:
+        # `learn_rate = 0.005` (a TOML number, or a command-line override) means the one-rate schedule "0.005"
+        return str(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else value
+
+
+class TiLogSection(Section):
+    """A1111's log folder <logging.log_dir>/<date>/<name>/ (key names as in A1111's Train tab)."""
+
+    save_embedding_every: int = Field(500, ge=0)  # embeddings/<name>-<step>.pt; 0 = off
+    create_image_every: int = Field(500, ge=0)  # images/<name>-<step>.png; 0 = off
+    save_image_with_stored_embedding: bool = True  # image_embeddings/<name>-<step>.png with the PNG chunk
+    write_csv_every: int = Field(500, ge=0)  # textual_inversion_loss.csv; 0 = off
+    preview_prompt: str = ""  # "" = the step's first training prompt (A1111's default)
+    preview_negative_prompt: str = ""
+    preview_steps: int = Field(20, ge=1, le=150)
+    preview_cfg_scale: float = Field(7.0, ge=0)
+    preview_seed: int = -1  # -1 = a new seed per preview, derived from train.seed and the step
+    preview_width: int = Field(0, ge=0, multiple_of=8)  # 0 = dataset.resolution
+    preview_height: int = Field(0, ge=0, multiple_of=8)
+
+
+class TIRunConfig(RunConfig):
+    """train_textual_inversion.py. Defaults differ from the other trainers where A1111's do: lr 0.005, no
+    gradient clipping, AdamW without weight decay, fp32 files named after the embedding."""
+
+    embedding: EmbeddingSection
+    ti_log: TiLogSection = TiLogSection()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _a1111_defaults(cls, data: Any) -> Any:
+        # fills keys the file leaves out, so an explicit value always wins and --print-config round-trips
+        if not isinstance(data, dict):
+            return data
+        from library.embeddings import name_problem
+
+        data = dict(data)
+        for key in ("save", "optimizer"):  # a non-table value is left for the schema to report
+            if isinstance(data.get(key, {}), dict):
+                data[key] = dict(data.get(key, {}))
+        if not (isinstance(data["save"], dict) and isinstance(data["optimizer"], dict)):
+            return data
+        embedding = data.get("embedding") if isinstance(data.get("embedding"), dict) else {}
+        save, optimizer = data["save"], data["optimizer"]
+        name = embedding.get("name")
+        if isinstance(name, str) and name_problem(name) is None:
+            save.setdefault("name", name)
+        save.setdefault("precision", "fp32")  # a few kilobytes: no reason to round them
+        if embedding.get("resume"):
+            save.setdefault("overwrite", True)  # continuing an embedding replaces its later files, as in A1111
+        optimizer.setdefault("lr", 0.005)
+        optimizer.setdefault("max_grad_norm", 0.0)
+        if str(optimizer.get("name", "AdamW")).lower().replace("_", "").startswith("adamw"):
+            optimizer.setdefault("args", {"weight_decay": 0.0})  # AdamW's own default (0.01) shrinks the vectors
+        return data
+
+    @model_validator(mode="after")
+    def _ti_rules(self) -> "TIRunConfig":
+        problems = _embedding_problems(self.embedding) + _ti_dataset_problems(self)
+        if self.embedding.learn_rate.strip():
+            opt = self.optimizer
+            if opt.scheduler.strip().lower() != "constant" or opt.warmup_steps or opt.warmup_ratio:
+                problems.append("embedding.learn_rate sets the whole learning-rate schedule: remove "
+                                "optimizer.scheduler/warmup, or set embedding.learn_rate = \"\" to use them")
+            try:
+                from library.schedules import A1111Schedule
+
+                A1111Schedule(self.embedding.learn_rate, self.train.max_steps or 10**9)
+            except ValueError as err:
+                problems.append(f"embedding.learn_rate: {err}")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+
+def _embedding_problems(embedding: EmbeddingSection) -> list[str]:
+    from library.embeddings import name_problem, vocabulary_problem
+    from library.ti_training import template_problem
+
+    problem = name_problem(embedding.name)
+    if problem is None:
+        try:
+            from library.clip_tokenizer import TokenizerUnavailable, build_clip_tokenizer
+
+            problem = vocabulary_problem(build_clip_tokenizer(), embedding.name, embedding.vectors)
+        except TokenizerUnavailable:
+            pass  # checked again against the model's own tokenizer when it loads
+    problems = [problem] if problem else []
+    if problem := template_problem(embedding.template):
+        problems.append(problem)
+    if embedding.resume and not Path(embedding.resume).expanduser().is_file():
+        problems.append(f"embedding.resume: file not found: {embedding.resume}")
+    return problems
+
+
+def _ti_dataset_problems(config: "TIRunConfig") -> list[str]:
+    ds, problems = config.dataset, []
+    for key, replacement in (("shuffle_caption", "embedding.shuffle_tags"),
+                             ("caption_tag_dropout_rate", "embedding.tag_dropout")):
+        if getattr(ds, key):
+            problems.append(f"textual inversion shuffles and drops [filewords] tags with {replacement} (A1111's "
+                            f"setting): set that instead of dataset.{key}")
+    if ds.reg_dir or any(subset.is_reg for subset in ds.subsets):
+        problems.append("textual inversion uses no regularisation images (the model does not change, so there "
+                        "is nothing to preserve): remove dataset.reg_dir and is_reg subsets")
+    if ds.cache_latents == "disk":
+        problems.append("textual inversion keeps its latents in memory (its sampling methods need the latent "
+                        "distribution): set dataset.cache_latents = \"memory\" or \"off\"")
+    if getattr(ds, "cache_text_encoder_outputs", False):
+        problems.append("textual inversion trains what the text encoder reads, so its outputs cannot be "
+                        "cached: set dataset.cache_text_encoder_outputs = false")
+    if config.embedding.use_alpha_weight and ds.random_crop:
+        problems.append("embedding.use_alpha_weight needs the same crop for image and alpha: set "
+                        "dataset.random_crop = false")
+    return problems
+
+
+# ---------------------------------------------------------------- DreamBooth (train_dreambooth.py)
+
+
+class DreamBoothSection(Section):
+    """What a DreamBooth run fine-tunes, its class (prior-preservation) images, and the model file it writes."""
+
+    train_text_encoder: bool = False
+    stop_text_encoder_training: int = Field(0, ge=0)  # freeze the text encoder after this step; 0 = never
+    unet_lr: float | None = Field(None, gt=0)  # None = optimizer.lr
+    text_encoder_lr: float | None = Field(None, gt=0)
+    # class images: kept in class_dir (named NN_name, like any reg folder); missing ones are generated
+    class_dir: str = ""
+    class_prompt: str = ""  # generates class images; also written as their captions
+    num_class_images: int = Field(0, ge=0)  # 0 = generate none
+    class_negative_prompt: str = ""
+    class_sampling_steps: int = Field(30, ge=1, le=1000)
+    class_guidance_scale: float = Field(7.5, ge=0)
+    class_batch_size: int = Field(1, ge=1, le=256)
+    save_format: Literal["single_file", "diffusers"] = "single_file"
+
+
+class DreamBoothRunConfig(RunConfig):
+    """train_dreambooth.py. Defaults differ where a whole-model fine-tune needs it: lr 2e-6 (sd-scripts'
+    DreamBooth default; 1e-4 wrecks a full model), files named "dreambooth"."""
+
+    dreambooth: DreamBoothSection = DreamBoothSection()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _dreambooth_defaults(cls, data: Any) -> Any:
+        # fills keys the file leaves out, so an explicit value always wins and --print-config round-trips
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        for section, key, value in (("save", "name", "dreambooth"), ("optimizer", "lr", 2e-6)):
+            table = data.get(section, {})
+            if isinstance(table, dict):  # anything else is reported by the schema
+                data[section] = {key: value, **table}
+        return data
+
+    @model_validator(mode="after")
+    def _dreambooth_rules(self) -> "DreamBoothRunConfig":
+        problems = _dreambooth_problems(self)
+        if problems:
+            raise ValueError("; ".join(problems))
+        _add_class_dir_subset(self)
+        return self
+
+
+def _dreambooth_problems(config: DreamBoothRunConfig) -> list[str]:
+    db, problems = config.dreambooth, []
+    if db.stop_text_encoder_training and not db.train_text_encoder:
+        problems.append("dreambooth.stop_text_encoder_training is set but dreambooth.train_text_encoder = false: "
+                        "turn text-encoder training on or set stop_text_encoder_training = 0")
+    if db.text_encoder_lr is not None and not db.train_text_encoder:
+        problems.append("dreambooth.text_encoder_lr is set but dreambooth.train_text_encoder = false")
+    if config.dataset.cache_text_encoder_outputs and db.train_text_encoder:
+        problems.append("dataset.cache_text_encoder_outputs = true, but dreambooth.train_text_encoder = true "
+                        "changes the text encoder's outputs: turn one of them off")
+    if db.save_format == "diffusers" and "." in config.save.name:
+        problems.append(f"save.name = {config.save.name!r}: diffusers folders are named after save.name, which "
+                        "must then have no '.'")
+    if db.num_class_images:
+        if not db.class_prompt.strip():
+            problems.append(f"dreambooth.num_class_images = {db.num_class_images} needs dreambooth.class_prompt "
+                            "(e.g. \"a photo of a dog\") to generate the missing class images")
+        if not db.class_dir:
+            problems.append(f"dreambooth.num_class_images = {db.num_class_images} needs dreambooth.class_dir: "
+                            "the folder (named like 1_dog) that holds and receives the class images")
+    if db.class_dir:
+        from library.dataset import parse_folder_name
+
+        folder = Path(db.class_dir).expanduser()
+        if parse_folder_name(folder.name) is None:
+            problems.append(f"dreambooth.class_dir {db.class_dir!r}: name the folder NN_name like any reg folder, "
+                            f"e.g. {(folder.parent / ('1_' + folder.name)).as_posix()!r} (1 repeat per epoch)")
+        elif not db.num_class_images and not folder.is_dir():
+            problems.append(f"dreambooth.class_dir: folder not found: {db.class_dir} (with num_class_images = 0 "
+                            "no class images are generated)")
+    return problems
+
+
+def _add_class_dir_subset(config: DreamBoothRunConfig) -> None:
+    """Make an existing class_dir part of the run as a reg folder, unless reg_dir or a reg subset already holds
+    it. A folder still to be generated joins when the trainer re-reads the config after generating."""
+    from library.dataset import parse_folder_name
+
+    db, ds = config.dreambooth, config.dataset
+    if not db.class_dir:
+        return
+    folder = Path(db.class_dir).expanduser()
+    if not folder.is_dir():
+        return
+    resolved = folder.resolve()
+    covered = (ds.reg_dir and Path(ds.reg_dir).resolve() == resolved.parent) or any(
+        s.is_reg and Path(s.image_dir).resolve() == resolved for s in ds.subsets)
+    if covered:
+        return
+    repeats, tokens = parse_folder_name(folder.name)
+    ds.subsets = [*ds.subsets, SubsetSection(image_dir=str(folder), repeats=repeats, class_tokens=tokens,
+                                             is_reg=True)]

@@ -14,7 +14,6 @@ from accelerate.state import AcceleratorState, GradientState
 from library.attention import select_attention
 from library.checkpoints import (Progress, epoch_file, final_file, load_state, prune_intermediates, save_state,
                                  state_dir_for, step_file)
-from library.conditioning import encode_text, tokenize
 from library.config import RunConfig, TrainSection
 from library.diffusion_loss import make_noise, min_snr_weights, per_sample_loss, sample_timesteps, target_for
 from library.logs import RunLog
@@ -22,7 +21,7 @@ from library.models import ModelParts
 from library.optimizers import build_optimizer, uses_relative_step
 from library.plan import TrainingPlan
 from library.schedules import build_scheduler, current_lrs, resolve_warmup_steps
-from library.training_data import Batch, LatentSource, TrainingData, hash_ints
+from library.training_data import Batch, ConditioningSource, LatentSource, TrainingData, hash_ints
 
 WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -49,6 +48,36 @@ class Trainable(Protocol):
         """Adjust gradients before the optimizer step (textual inversion masks rows here)."""
 
 
+class TrainerHooks:
+    """Optional extension points for a script (textual inversion's A1111 log folder uses them). The base
+    class does nothing; override what you need."""
+
+    def configure(self, trainer: "Trainer", loop: "LoopParts") -> None:
+        """After set-up, before a save.resume state loads: may replace loop.scheduler / loop.latents, load an
+        optimizer state or set trainer.progress to start mid-run."""
+
+    def after_step(self, trainer: "Trainer", loop: "LoopParts", loss: float, lrs: dict[str, float],
+                   batch: Batch) -> None:
+        """After each optimizer step (trainer.progress already counts it). `lrs`: the rates that step used;
+        `batch`: the last batch of its accumulation group."""
+
+    def after_resume(self, trainer: "Trainer", loop: "LoopParts") -> None:
+        """After a save.resume state has loaded (trainer.progress is the resumed step), before training goes on:
+        whatever after_step changes at a given step must already hold when a run resumes past it."""
+
+    def after_train(self, trainer: "Trainer", loop: "LoopParts", final: Path) -> None:
+        """After the final artifact is saved."""
+
+
+def pixel_weighted_loss(prediction: torch.Tensor, target: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Per-sample MSE with a per-pixel weight map [B, 1 or C, h, w] at latent resolution (e.g. PNG alpha)."""
+    if weight.shape[0] != prediction.shape[0] or weight.shape[-2:] != prediction.shape[-2:]:
+        raise ValueError(f"loss weight map {tuple(weight.shape)} does not match the latents {tuple(prediction.shape)}")
+    loss = torch.nn.functional.mse_loss(prediction.float(), target.float(), reduction="none")
+    loss = loss * weight.to(loss.device, torch.float32)
+    return loss.mean(dim=list(range(1, loss.dim())))
+
+
 def resolve_device(train: TrainSection) -> torch.device:
     if train.device != "auto":
         return torch.device(train.device)
@@ -73,13 +102,14 @@ class LoopParts:
     scheduler: torch.optim.lr_scheduler.LRScheduler
     latents: LatentSource
     weight_dtype: torch.dtype
+    conditioning: ConditioningSource
 
 
 class Trainer:
     """Runs one training: set up, loop, save. `train()` returns the final artifact's path."""
 
     def __init__(self, config: RunConfig, parts: ModelParts, trainable: Trainable, data: TrainingData,
-                 plan: TrainingPlan):
+                 plan: TrainingPlan, hooks: TrainerHooks | None = None):
         self.config = config
         self.parts = parts
         self.trainable = trainable
@@ -87,6 +117,7 @@ class Trainer:
         self.plan = plan
         self.output_dir = Path(config.save.output_dir)
         self.progress = Progress()
+        self.hooks = hooks or TrainerHooks()
 
     # ---------------------------------------------------------------- set-up
     def _setup(self) -> LoopParts:
@@ -99,13 +130,18 @@ class Trainer:
         device = accelerator.device
         weight_dtype = WEIGHT_DTYPES[train.mixed_precision]
         parts = self.parts
-        # frozen weights in the compute dtype; trainable ones stay fp32 so small updates are not lost
-        parts.unet.to(device, weight_dtype)
-        parts.text_encoder.to(device, weight_dtype)
+        # frozen weights in the compute dtype; trainable ones stay fp32 so small updates are not lost. Trainable
+        # weights are never cast down first: a full fine-tune (DreamBooth) trains the models' own weights.
+        trainable = [param for group in self.trainable.param_groups() for param in group["params"]]
+        keep = {id(param) for param in trainable}
+        for module in (parts.unet, parts.text_encoder):
+            torch.nn.Module.to(module, device)
+            for param in module.parameters():
+                if id(param) not in keep:
+                    param.data = param.data.to(weight_dtype)
         parts.vae.to(device, torch.float32)  # fp16 VAE encodes can overflow; it runs once per image when cached
-        for group in self.trainable.param_groups():
-            for param in group["params"]:
-                param.data = param.data.float()
+        for param in trainable:
+            param.data = param.data.to(device=device, dtype=torch.float32)  # tensors outside the models too
         print(select_attention([parts.unet], train.attention, device))
         if train.gradient_checkpointing:
             parts.unet.enable_gradient_checkpointing()
@@ -120,8 +156,11 @@ class Trainer:
         scheduler = build_scheduler(optimizer, opt.scheduler, self.plan.total_steps, warmup, opt.num_cycles,
                                     opt.power, relative_step=uses_relative_step(opt.name, opt.args))
         optimizer = accelerator.prepare(optimizer)
-        latents = LatentSource(self.data, parts.vae, self.config.dataset.cache_latents == "memory", train.seed)
-        return LoopParts(accelerator, optimizer, scheduler, latents, weight_dtype)
+        latents = LatentSource(self.data, parts.vae, self.config.dataset.cache_latents, train.seed)
+        conditioning = ConditioningSource(parts.tokenizer, parts.text_encoder, self.config.model.clip_skip,
+                                          self.config.dataset.cache_text_encoder_outputs,
+                                          self.trainable.trains_text_encoder)
+        return LoopParts(accelerator, optimizer, scheduler, latents, weight_dtype, conditioning)
 
     def _resume(self, loop: LoopParts) -> None:
         folder = Path(self.config.save.resume)
@@ -138,6 +177,7 @@ class Trainer:
                   f"{self.plan.total_steps}, so the LR schedule continues on the new length")
         print(f"resumed from {folder}: step {self.progress.global_step}, epoch {self.progress.epoch + 1}, "
               f"batch {self.progress.next_batch}")
+        self.hooks.after_resume(self, loop)
 
     # ---------------------------------------------------------------- one step
     def _loss(self, loop: LoopParts, batch: Batch, epoch: int, step_seed: int) -> torch.Tensor:
@@ -148,13 +188,15 @@ class Trainer:
         noise = make_noise(latents, generator, train.noise_offset)
         timesteps = sample_timesteps(latents.shape[0], parts.noise_scheduler, generator, device)
         noisy = parts.noise_scheduler.add_noise(latents, noise, timesteps)
-        ids = tokenize(parts.tokenizer, batch.captions)
         with loop.accelerator.autocast():
-            with torch.set_grad_enabled(self.trainable.trains_text_encoder):
-                conditioning = encode_text(parts.text_encoder, ids, self.config.model.clip_skip)
+            conditioning = loop.conditioning.encode(batch.captions, grad=self.trainable.trains_text_encoder)
             prediction = parts.unet(noisy, timesteps, conditioning.to(loop.weight_dtype)).sample
         target = target_for(parts.noise_scheduler, latents, noise, timesteps, parts.v_prediction)
-        losses = per_sample_loss(prediction, target)
+        pixel_weight = getattr(batch, "loss_weight", None)  # a batch may carry a per-pixel weight map
+        if pixel_weight is None:
+            losses = per_sample_loss(prediction, target)
+        else:
+            losses = pixel_weighted_loss(prediction, target, pixel_weight)
         weights = torch.where(batch.is_reg, self.config.dataset.prior_loss_weight, 1.0).to(device)
         if train.min_snr_gamma:
             weights = weights * min_snr_weights(parts.noise_scheduler, timesteps, train.min_snr_gamma,
@@ -205,6 +247,7 @@ class Trainer:
     # ---------------------------------------------------------------- the loop
     def train(self) -> Path:
         loop = self._setup()
+        self.hooks.configure(self, loop)
         if self.config.save.resume:
             self._resume(loop)
         if self.progress.global_step >= self.plan.total_steps:
@@ -227,6 +270,7 @@ class Trainer:
         log.close()
         final = final_file(self.output_dir, self.config.save.name, self.trainable.artifact_suffix)
         self._save(loop, final, with_state=self.config.save.save_state)
+        self.hooks.after_train(self, loop, final)
         print(f"saved {final}\nTensorBoard logs: {log.dir}")
         return final
 
@@ -245,7 +289,8 @@ class Trainer:
                 group_size = min(accumulation, len(batches) - group_start)
                 step_seed = hash_ints(seed, epoch, index)
                 torch.manual_seed(step_seed)  # dropout inside the network draws from the global RNG
-                loss = self._loss(loop, self.data.batch(epoch, batches[index]), epoch, step_seed)
+                batch = self.data.batch(epoch, batches[index])
+                loss = self._loss(loop, batch, epoch, step_seed)
                 if not math.isfinite(loss.item()):
                     raise FloatingPointError(self._nan_hint())
                 loop.accelerator.backward(loss / group_size)
@@ -253,10 +298,11 @@ class Trainer:
                 group_loss += loss.item() / group_size
                 if index + 1 - group_start < group_size:
                     continue
+                lrs = current_lrs(loop.scheduler, loop.optimizer)  # the rates this step uses, not the next
                 self._optimizer_step(loop)
                 self.progress = Progress(self.progress.global_step + 1, epoch, index + 1)
-                log.step(self.progress.global_step, group_loss,
-                         current_lrs(loop.scheduler, loop.optimizer), epoch)
+                log.step(self.progress.global_step, group_loss, lrs, epoch)
+                self.hooks.after_step(self, loop, group_loss, lrs, batch)
                 epoch_losses.append(group_loss)
                 group_loss = 0.0
                 self._save_if_due(loop, log, epoch_done=False)

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from library.config import ConfigError, LoraRunConfig, config_to_toml, load_config, parse_override
+from library.config import (ConfigError, DreamBoothRunConfig, LoraRunConfig, TIRunConfig, config_to_toml, load_config,
+                            parse_override)
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIGS = sorted((REPO / "configs").glob("*.toml"))
@@ -21,7 +22,12 @@ max_steps = 10
 
 
 def config_class_for(path: Path):
-    # presets name their trainer in the file name; every preset today is a LoRA one or shares its sections
+    # presets name their trainer in the file name: *_ti.toml / ti_*.toml are textual-inversion presets,
+    # *dreambooth*.toml DreamBooth ones
+    if "ti" in path.stem.lower().split("_"):
+        return TIRunConfig
+    if "dreambooth" in path.stem.lower():
+        return DreamBoothRunConfig
     return LoraRunConfig
 
 

@@ -1,0 +1,301 @@
+"""Textual-inversion embeddings: new tokens in the tokenizer, their vectors, and the files other tools load.
+
+Files: A1111 `.pt` (`string_to_param`), kohya `.safetensors` (`emb_params`), diffusers `{token: tensor}`
+and A1111's PNG `sd-ti-embedding` text chunk. A multi-vector embedding named `kiln` is the tokens
+`kiln kiln_1 kiln_2 ...` (diffusers' convention); prompts name it once and `expand_name` spells it out.
+"""
+from __future__ import annotations
+
+import base64
+import json
+import os
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image, PngImagePlugin
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+MAX_VECTORS = 75  # the 77-token window minus the start and end tokens
+PNG_CHUNK = "sd-ti-embedding"
+_NAME = re.compile(r"^[A-Za-z0-9_-]+$")  # also a file name on every OS: A1111 reads the trigger from it
+_PT_TOKEN_ID = 265  # the id A1111 writes in string_to_token; nothing reads it, but tools expect the key
+
+
+class EmbeddingError(ValueError):
+    """An embedding file or token problem, with the path or name and what to do."""
+
+
+@dataclass
+class Embedding:
+    """One embedding: its name (the trigger word) and vectors [n, dim], plus the A1111 bookkeeping fields."""
+
+    name: str
+    vectors: torch.Tensor
+    step: int | None = None
+    sd_checkpoint: str | None = None
+    sd_checkpoint_name: str | None = None
+
+    def a1111_dict(self) -> dict:
+        """The dict A1111 saves in `.pt` files and in the PNG chunk."""
+        return {
+            "string_to_token": {"*": _PT_TOKEN_ID},
+            "string_to_param": {"*": self.vectors},
+            "name": self.name,
+            "step": self.step,
+            "sd_checkpoint": self.sd_checkpoint,
+            "sd_checkpoint_name": self.sd_checkpoint_name,
+        }
+
+
+# ---------------------------------------------------------------------------------------------- tokens
+
+
+def token_names(name: str, vectors: int) -> list[str]:
+    """`kiln`, `kiln_1`, ... one token per vector (diffusers names multi-vector tokens this way)."""
+    return [name] + [f"{name}_{i}" for i in range(1, vectors)]
+
+
+def name_problem(name: str) -> str | None:
+    """None when `name` can be a trigger word; else what is wrong with it (no tokenizer needed)."""
+    if not _NAME.match(name or ""):
+        return (f"embedding.name {name!r} must be one word of letters, digits, '_' or '-' (e.g. kilnpot or "
+                "kiln-pot): prompts find the embedding by that word, and A1111 by its file name")
+    if not re.search(r"[A-Za-z]", name):
+        return f"embedding.name {name!r} needs at least one letter"
+    return None
+
+
+def vocabulary_problem(tokenizer, name: str, vectors: int) -> str | None:
+    """None when none of the embedding's tokens exists yet. CLIP lowercases text and stores words with a
+    `</w>` suffix, so `Cat` collides with `cat</w>`: a prompt could not tell the embedding from the word."""
+    vocab = {token.lower() for token in tokenizer.get_vocab()}
+    for token in token_names(name, vectors):
+        for form in (token.lower(), token.lower() + "</w>"):
+            if form in vocab:
+                return (f"embedding.name {name!r}: {token!r} is already a token of the model's tokenizer "
+                        f"({form!r}), so prompts could not tell your embedding from it; choose a made-up word "
+                        f"such as '{name}-emb' or 'my{name}'")
+    return None
+
+
+def expand_name(text: str, name: str, vectors: int) -> str:
+    """Spell out a multi-vector name in a prompt: "a kiln" -> "a kiln kiln_1 kiln_2". The tokenizer
+    lowercases text, so the match is case-insensitive; `kiln_1` or `kilns` are left alone."""
+    if vectors == 1:
+        return text
+    expanded = " ".join(token_names(name, vectors))
+    pattern = re.compile(rf"(?<![\w-]){re.escape(name)}(?![\w-])", re.IGNORECASE)
+    return pattern.sub(lambda _: expanded, text)
+
+
+def add_tokens(tokenizer, text_encoder, name: str, vectors: int) -> list[int]:
+    """Add the embedding's tokens to the tokenizer and rows to the text encoder's embedding matrix.
+    Existing rows are copied bitwise; the new rows are zero until the caller sets them."""
+    problem = name_problem(name) or vocabulary_problem(tokenizer, name, vectors)
+    if problem:
+        raise EmbeddingError(problem)
+    names = token_names(name, vectors)
+    tokenizer.add_tokens(names)
+    ids = tokenizer.convert_tokens_to_ids(names)
+    # mean_resizing would draw the new rows from the old ones' covariance: slow, random and overwritten anyway
+    text_encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    with torch.no_grad():
+        text_encoder.get_input_embeddings().weight[ids] = 0
+    return ids
+
+
+def init_vectors(tokenizer, text_encoder, init_text: str, vectors: int) -> tuple[torch.Tensor, str]:
+    """Starting vectors [vectors, dim] and a line describing them.
+
+    As A1111 does: the init text's token embeddings are spread across the vectors (vector i copies token
+    i * tokens // vectors, so one token fills every vector); an empty init text gives zeros."""
+    weight = text_encoder.get_input_embeddings().weight
+    vec = torch.zeros(vectors, weight.shape[1], dtype=torch.float32)
+    if not init_text.strip():
+        return vec, "zeros (embedding.init_text is empty)"
+    ids = tokenizer(init_text, add_special_tokens=False).input_ids
+    if not ids:
+        return vec, f"zeros (embedding.init_text {init_text!r} has no tokens)"
+    rows = weight.detach()[ids].float().cpu()
+    picks = [i * len(ids) // vectors for i in range(vectors)]
+    vec[:] = rows[picks]
+    words = tokenizer.convert_ids_to_tokens(ids)
+    used = ", ".join(words[p].removesuffix("</w>") for p in picks)
+    return vec, f"from {init_text!r} ({len(ids)} token(s); vectors copy: {used})"
+
+
+# ---------------------------------------------------------------------------------------------- files
+
+
+def _atomic(path: Path, write) -> None:
+    """Call write(tmp_path) then move the temporary file onto `path`: a crash never leaves half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def save_embedding(embedding: Embedding, path: Path, dtype: torch.dtype = torch.float32) -> None:
+    """Write `.pt` (A1111) or `.safetensors` (`emb_params`, as kohya; A1111 and diffusers load it)."""
+    path = Path(path)
+    vectors = embedding.vectors.detach().to("cpu", dtype).contiguous()
+    stored = Embedding(embedding.name, vectors, embedding.step, embedding.sd_checkpoint, embedding.sd_checkpoint_name)
+    suffix = path.suffix.lower()
+    if suffix == ".pt":
+        _atomic(path, lambda tmp: torch.save(stored.a1111_dict(), tmp))
+    elif suffix == ".safetensors":
+        metadata = {"name": stored.name, "step": str(stored.step or 0), "vectors": str(vectors.shape[0]),
+                    "sd_checkpoint_name": stored.sd_checkpoint_name or ""}
+        _atomic(path, lambda tmp: save_file({"emb_params": vectors}, tmp, metadata=metadata))
+    else:
+        raise EmbeddingError(f"{path}: embeddings are saved as .pt or .safetensors, not {path.suffix!r}")
+
+
+def _vectors(value, path: Path) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        raise EmbeddingError(f"{path}: the embedding holds {type(value).__name__}, not a tensor")
+    return (value.unsqueeze(0) if value.dim() == 1 else value).detach().float().cpu()
+
+
+def embedding_from_dict(data: dict, path: Path, default_name: str) -> Embedding:
+    """An Embedding from any of the dict layouts: A1111, kohya `emb_params`, diffusers `{token: tensor}`."""
+    if "string_to_param" in data:
+        params = data["string_to_param"]
+        if len(params) != 1:
+            raise EmbeddingError(f"{path}: holds {len(params)} embeddings; one per file is supported")
+        return Embedding(str(data.get("name") or default_name), _vectors(next(iter(params.values())), path),
+                         data.get("step"), data.get("sd_checkpoint"), data.get("sd_checkpoint_name"))
+    if "clip_l" in data and "clip_g" in data:
+        raise EmbeddingError(f"{path}: an SDXL embedding (clip_l + clip_g); this trainer handles SD 1.x/2.x")
+    if "emb_params" in data:
+        return Embedding(default_name, _vectors(data["emb_params"], path))
+    tensors = {k: v for k, v in data.items() if isinstance(v, torch.Tensor)}
+    if len(tensors) == 1:
+        token, value = next(iter(tensors.items()))
+        return Embedding(token, _vectors(value, path))
+    raise EmbeddingError(f"{path}: not a textual-inversion embedding (keys: {', '.join(map(str, data)) or 'none'})")
+
+
+def load_embedding(path: str | Path) -> Embedding:
+    """Read an embedding from `.pt`/`.bin` (A1111, diffusers), `.safetensors` (kohya, diffusers) or a PNG/WebP
+    with an `sd-ti-embedding` chunk. Like A1111, a file's name is the trigger word (a PNG carries its own)."""
+    path = Path(path)
+    if not path.is_file():
+        raise EmbeddingError(f"embedding file not found: {path}")
+    suffix = path.suffix.lower()
+    if suffix in (".pt", ".bin"):
+        try:
+            data = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - pickles with arbitrary objects are refused, whatever the error
+            raise EmbeddingError(f"{path}: cannot be read as a weights-only torch file ({exc}); if it is an old "
+                                 "A1111 embedding, load it in A1111 once and save it again") from None
+        if isinstance(data, torch.Tensor):
+            data = {path.stem: data}
+        embedding = embedding_from_dict(data, path, path.stem)
+        embedding.name = path.stem if "string_to_param" in data else embedding.name
+        return embedding
+    if suffix == ".safetensors":
+        with safe_open(str(path), "pt") as handle:
+            data = {key: handle.get_tensor(key) for key in handle.keys()}
+            metadata = handle.metadata() or {}
+        embedding = embedding_from_dict(data, path, path.stem)
+        if "emb_params" in data:
+            embedding.step = int(metadata["step"]) if metadata.get("step", "").isdigit() else None
+            embedding.sd_checkpoint_name = metadata.get("sd_checkpoint_name") or None
+        return embedding
+    if suffix in (".png", ".webp"):
+        data = read_png_embedding(path)
+        if data is None:
+            raise EmbeddingError(f"{path}: the image has no '{PNG_CHUNK}' text chunk, so it holds no embedding")
+        return embedding_from_dict(data, path, path.stem)
+    raise EmbeddingError(f"{path}: unknown embedding file type {path.suffix!r}; use .pt, .safetensors or .png")
+
+
+# ---------------------------------------------------------------------------------------------- PNG chunk
+
+
+def embedding_to_b64(data: dict) -> str:
+    """A1111's PNG text: the embedding dict as JSON (tensors as {"TORCHTENSOR": nested list}), base64."""
+    def encode(value):
+        if isinstance(value, torch.Tensor):
+            return {"TORCHTENSOR": value.detach().cpu().tolist()}
+        raise TypeError(f"cannot store {type(value).__name__} in an embedding chunk")
+
+    return base64.b64encode(json.dumps(data, default=encode).encode("utf-8")).decode("ascii")
+
+
+def embedding_from_b64(text: str | bytes) -> dict:
+    """Inverse of embedding_to_b64 (tensors come back as float32, as A1111 casts them on load)."""
+    def decode(obj: dict):
+        return torch.tensor(obj["TORCHTENSOR"], dtype=torch.float32) if "TORCHTENSOR" in obj else obj
+
+    return json.loads(base64.b64decode(text), object_hook=decode)
+
+
+def save_png(image: Image.Image, path: Path, embedding: Embedding | None = None, parameters: str = "") -> None:
+    """Write a PNG, with the embedding in an `sd-ti-embedding` chunk and/or A1111's `parameters` text."""
+    info = PngImagePlugin.PngInfo()
+    if parameters:
+        info.add_text("parameters", parameters)
+    if embedding is not None:
+        info.add_text(PNG_CHUNK, embedding_to_b64(embedding.a1111_dict()))
+    _atomic(Path(path), lambda tmp: image.save(tmp, format="PNG", pnginfo=info))
+
+
+def read_png_embedding(path: Path) -> dict | None:
+    """The embedding dict in an image's `sd-ti-embedding` chunk, or None when it has none."""
+    with Image.open(path) as image:
+        chunks = getattr(image, "text", None) or image.info  # PNG text chunks; other formats keep them in info
+        text = chunks.get(PNG_CHUNK)
+    return embedding_from_b64(text) if text else None
+
+
+# ---------------------------------------------------------------------------------------------- optimizer state
+
+
+def a1111_checksum(vectors: torch.Tensor) -> str:
+    """A1111's 4-hex-digit checksum of an embedding's vectors (stored in `.optim` files to pair them)."""
+    value = 0
+    for v in (vectors.detach().float().cpu().reshape(-1) * 100).tolist():
+        value = (value * 281 ^ int(v) * 997) & 0xFFFFFFFF
+    return f"{value & 0xFFFF:04x}"
+
+
+def optim_path(embedding_path: Path) -> Path:
+    return Path(f"{embedding_path}.optim")
+
+
+def save_optimizer_state(embedding_path: Path, vectors: torch.Tensor, state: dict, optimizer_name: str) -> None:
+    """`<file>.optim` beside an embedding, as A1111 writes it (plus the optimizer's name, which A1111 ignores)."""
+    data = {"hash": a1111_checksum(vectors), "optimizer_state_dict": state, "optimizer_name": optimizer_name}
+    _atomic(optim_path(embedding_path), lambda tmp: torch.save(data, tmp))
+
+
+def load_optimizer_state(embedding_path: Path, vectors: torch.Tensor, optimizer_name: str) -> tuple[dict | None, str]:
+    """(state, message). The state is refused (None) when `<file>.optim` is missing, was written for other
+    vectors (A1111's checksum differs) or by another optimizer; the message says which and what happens."""
+    path = optim_path(embedding_path)
+    if not path.is_file():
+        return None, f"no optimizer state beside {embedding_path} ({path.name}): the optimizer starts fresh"
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001
+        return None, f"{path} cannot be read ({exc}): the optimizer starts fresh"
+    expected = a1111_checksum(vectors)
+    if data.get("hash") != expected:
+        return None, (f"{path} was saved with other vectors (checksum {data.get('hash')} != {expected}), so it does "
+                      "not belong to this embedding: refused, the optimizer starts fresh")
+    saved_by = data.get("optimizer_name", "AdamW")  # A1111 always trains embeddings with AdamW
+    if saved_by != optimizer_name:
+        return None, (f"{path} holds {saved_by} state but this run uses {optimizer_name}: refused, the optimizer "
+                      "starts fresh")
+    return data.get("optimizer_state_dict"), f"loaded the optimizer state from {path}"

@@ -1,0 +1,44 @@
+#!/usr/bin/env python
+"""Train a textual-inversion embedding (new token vectors only; the model never changes) from a TOML config.
+
+    python train_textual_inversion.py configs/quickstart_ti.toml [section.key=value ...] [--check] [--print-config]
+
+The result is an A1111 .pt (or .safetensors) embedding that A1111, ComfyUI and diffusers load; A1111's log
+folder (embedding copies, preview images, loss CSV) is written under logging.log_dir.
+"""
+from __future__ import annotations
+
+import sys
+
+from library.quiet import quiet_libraries
+
+quiet_libraries()  # before the imports below pull in diffusers and transformers
+
+from library.config import TIRunConfig  # noqa: E402
+from library.embeddings import EmbeddingError  # noqa: E402
+from library.models import load_model  # noqa: E402
+from library.run import fail, prepare_run  # noqa: E402
+from library.ti_training import prepare_embedding_training  # noqa: E402
+from library.trainer import Trainer  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    run = prepare_run(argv, TIRunConfig, __doc__.splitlines()[0])
+    if run is None:
+        return 0
+    config = run.config
+    v_param = None if config.model.v_parameterization == "auto" else config.model.v_parameterization
+    parts = load_model(config.model.path, v_param, config.model.config_dir or None)
+    try:
+        setup = prepare_embedding_training(config, parts, run.data, run.plan)
+    except (EmbeddingError, ValueError) as err:
+        fail(str(err))
+    if setup is None:
+        return 0
+    print(setup.describe())
+    Trainer(config, parts, setup.trainable, setup.data, setup.plan, setup.hooks).train()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
