@@ -1,0 +1,105 @@
+"""Merge one or more kohya LoRA files into a Stable Diffusion model at given weights and save the result.
+
+    python tools/merge_lora.py BASE OUT --lora style.safetensors:0.8 --lora char.safetensors:0.5
+
+BASE: builtin:tiny-sd15, a diffusers folder, a .safetensors/.ckpt file or a locally cached hub id.
+OUT ending in .safetensors → original SD single file (A1111, ComfyUI); anything else → diffusers folder.
+Each --lora is FILE[:WEIGHT] (weight 1 when left out); W += weight · up·down · alpha/rank, LoRA by LoRA.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+# tools/ is a subfolder: make `library` importable when run as `python tools/merge_lora.py`.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from library.quiet import quiet_libraries  # noqa: E402
+
+quiet_libraries()  # before torch/diffusers imports print their banners
+
+import torch  # noqa: E402
+
+from library import lora  # noqa: E402
+from library.dreambooth import model_format, save_model  # noqa: E402
+from library.models import ModelLoadError, load_model  # noqa: E402
+
+PRECISIONS = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def parse_lora_spec(spec: str) -> tuple[Path, float]:
+    """"file.safetensors:0.8" → (file, 0.8); no weight → 1.0. Only a number after the last ':' is a weight,
+    so Windows paths ("C:\\x.safetensors") keep their drive letter."""
+    head, sep, tail = spec.rpartition(":")
+    if sep and head:
+        try:
+            return Path(head), float(tail)
+        except ValueError:
+            pass
+    return Path(spec), 1.0
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("base", help="model to merge into")
+    parser.add_argument("out", help="output .safetensors file or diffusers folder")
+    parser.add_argument("--lora", action="append", required=True, metavar="FILE[:WEIGHT]",
+                        help="a kohya LoRA file and its weight; repeat for several")
+    parser.add_argument("--precision", choices=sorted(PRECISIONS),
+                        help="weight precision to write (default: fp16 for .safetensors, fp32 for folders)")
+    parser.add_argument("--config-dir", help="diffusers folder whose configs describe a single-file BASE")
+    parser.add_argument("--overwrite", action="store_true", help="replace OUT if it already exists")
+    return parser.parse_args(argv)
+
+
+def merge_files(parts, specs: list[tuple[Path, float]]) -> list[str]:
+    """Merge each LoRA into parts in place; returns one line per file. Raises ValueError for files that are
+    not kohya LoRAs for this model."""
+    models = {lora.UNET_PREFIX: parts.unet, lora.TE_PREFIX: parts.text_encoder}
+    lines = []
+    for path, weight in specs:
+        try:
+            weights, _ = lora.read_lora_file(path)
+        except Exception as exc:  # safetensors raises its own error types for files that are not safetensors
+            raise ValueError(f"{path} cannot be read as a .safetensors LoRA: {exc}") from exc
+        modules = sum(1 for k in weights if k.endswith(".lora_down.weight"))
+        if not modules:
+            raise ValueError(f"{path} holds no kohya LoRA modules (*.lora_down.weight); LyCORIS LoHa/LoKr and "
+                             "other formats cannot be merged by this tool")
+        unmatched = lora.merge_lora(models, {k: v.float() for k, v in weights.items()}, weight)
+        if unmatched:
+            raise ValueError(f"{path}: {len(unmatched)} of its {modules} modules match nothing in the base model "
+                             f"(e.g. {unmatched[0]}); was it trained on another model family (SD1/SD2/SDXL)?")
+        lines.append(f"merged {path} at weight {weight:g} ({modules} modules)")
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        print(f"error: {out} already exists; pass --overwrite to replace it", file=sys.stderr)
+        return 2
+    specs = [parse_lora_spec(s) for s in args.lora]
+    missing = [str(path) for path, _ in specs if not path.is_file()]
+    if missing:
+        print(f"error: LoRA file(s) not found: {', '.join(missing)}", file=sys.stderr)
+        return 2
+    single_file = model_format(out) == "single_file"
+    precision = args.precision or ("fp16" if single_file else "fp32")
+    try:
+        parts = load_model(args.base, config_dir=args.config_dir)
+        lines = merge_files(parts, specs)
+    except (ModelLoadError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    for line in lines:
+        print(line)
+    save_model(parts, out, PRECISIONS[precision])
+    print(f"Wrote {out} ({'single file' if single_file else 'diffusers folder'}, {precision})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
