@@ -5,12 +5,13 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from library.atomic import write_atomically
 
 
 @dataclass
@@ -24,15 +25,8 @@ class Progress:
 
 def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
     """Write a .safetensors file so that a crash never leaves a half-written file at `path`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    contiguous = {k: v.contiguous() for k, v in tensors.items()}
+    write_atomically(path, lambda temporary: save_file(contiguous, str(temporary), metadata=metadata))
 
 
 def epoch_file(output_dir: Path, name: str, epoch: int, suffix: str) -> Path:

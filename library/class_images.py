@@ -8,13 +8,13 @@ seed derives from train.seed and its number).
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
+from library.atomic import write_atomically
 from library.config import DreamBoothRunConfig
 from library.images import IMAGE_EXTENSIONS
 from library.models import ModelParts
@@ -69,13 +69,6 @@ def free_numbers(folder: Path, count: int) -> list[int]:
     return numbers
 
 
-def _write_atomically(path: Path, write) -> None:
-    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(temporary)
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
 
 
 def _autocast(device: torch.device, mixed_precision: str):
@@ -119,9 +112,9 @@ def generate_class_images(parts: ModelParts, config: DreamBoothRunConfig, status
             for n, image in zip(chunk, images):
                 stem = status.folder / f"{GENERATED_PREFIX}{n:05d}"
                 caption = stem.with_suffix(caption_extension)
-                _write_atomically(caption, lambda p: p.write_text(db.class_prompt + "\n", encoding="utf-8"))
+                write_atomically(caption, lambda p: p.write_text(db.class_prompt + "\n", encoding="utf-8"))
                 # the image last: a counted image always has its caption
-                _write_atomically(stem.with_suffix(".png"), lambda p, im=image: im.save(p, format="PNG"))
+                write_atomically(stem.with_suffix(".png"), lambda p, im=image: im.save(p, format="PNG"))
                 written.append(stem.with_suffix(".png"))
                 bar.update(1)
     return written

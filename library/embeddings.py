@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +16,8 @@ import torch
 from PIL import Image, PngImagePlugin
 from safetensors import safe_open
 from safetensors.torch import save_file
+
+from library.atomic import write_atomically
 
 MAX_VECTORS = 75  # the 77-token window minus the start and end tokens
 PNG_CHUNK = "sd-ti-embedding"
@@ -131,17 +131,6 @@ def init_vectors(tokenizer, text_encoder, init_text: str, vectors: int) -> tuple
 # ---------------------------------------------------------------------------------------------- files
 
 
-def _atomic(path: Path, write) -> None:
-    """Call write(tmp_path) then move the temporary file onto `path`: a crash never leaves half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def save_embedding(embedding: Embedding, path: Path, dtype: torch.dtype = torch.float32) -> None:
@@ -151,11 +140,11 @@ def save_embedding(embedding: Embedding, path: Path, dtype: torch.dtype = torch.
     stored = Embedding(embedding.name, vectors, embedding.step, embedding.sd_checkpoint, embedding.sd_checkpoint_name)
     suffix = path.suffix.lower()
     if suffix == ".pt":
-        _atomic(path, lambda tmp: torch.save(stored.a1111_dict(), tmp))
+        write_atomically(path, lambda tmp: torch.save(stored.a1111_dict(), tmp))
     elif suffix == ".safetensors":
         metadata = {"name": stored.name, "step": str(stored.step or 0), "vectors": str(vectors.shape[0]),
                     "sd_checkpoint_name": stored.sd_checkpoint_name or ""}
-        _atomic(path, lambda tmp: save_file({"emb_params": vectors}, tmp, metadata=metadata))
+        write_atomically(path, lambda tmp: save_file({"emb_params": vectors}, tmp, metadata=metadata))
     else:
         raise EmbeddingError(f"{path}: embeddings are saved as .pt or .safetensors, not {path.suffix!r}")
 
@@ -248,7 +237,7 @@ def save_png(image: Image.Image, path: Path, embedding: Embedding | None = None,
         info.add_text("parameters", parameters)
     if embedding is not None:
         info.add_text(PNG_CHUNK, embedding_to_b64(embedding.a1111_dict()))
-    _atomic(Path(path), lambda tmp: image.save(tmp, format="PNG", pnginfo=info))
+    write_atomically(Path(path), lambda tmp: image.save(tmp, format="PNG", pnginfo=info))
 
 
 def read_png_embedding(path: Path) -> dict | None:
@@ -277,7 +266,7 @@ def optim_path(embedding_path: Path) -> Path:
 def save_optimizer_state(embedding_path: Path, vectors: torch.Tensor, state: dict, optimizer_name: str) -> None:
     """`<file>.optim` beside an embedding, as A1111 writes it (plus the optimizer's name, which A1111 ignores)."""
     data = {"hash": a1111_checksum(vectors), "optimizer_state_dict": state, "optimizer_name": optimizer_name}
-    _atomic(optim_path(embedding_path), lambda tmp: torch.save(data, tmp))
+    write_atomically(optim_path(embedding_path), lambda tmp: torch.save(data, tmp))
 
 
 def load_optimizer_state(embedding_path: Path, vectors: torch.Tensor, optimizer_name: str) -> tuple[dict | None, str]:

@@ -26,6 +26,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+from library.atomic import write_atomically
 from library import checkpoint_layout as layout
 from library.clip_tokenizer import build_clip_tokenizer
 
@@ -555,10 +556,5 @@ def save_single_file(parts: ModelParts, path: Path, dtype: torch.dtype = torch.f
         key: (t.detach().to("cpu", dtype) if t.is_floating_point() else t.detach().cpu()).contiguous()
         for key, t in state_dict.items()
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        save_file(tensors, str(temporary), metadata=_single_file_metadata(parts))
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
+    metadata = _single_file_metadata(parts)
+    write_atomically(path, lambda temporary: save_file(tensors, str(temporary), metadata=metadata))

@@ -11,12 +11,12 @@ import functools
 import os
 import re
 import shutil
-import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+from library.atomic import write_text_atomically
 from library.dataset import COMMON_CAPTION_EXTENSIONS, DatasetError, read_caption
 from library.images import IMAGE_EXTENSIONS
 
@@ -94,19 +94,6 @@ def find_captions(root: Path, ext: str = ".txt", recursive: bool = True) -> tupl
     return list(dict.fromkeys(captions)), missing  # a.png and a.jpg share a.txt: edit it once
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write UTF-8 `text` to `path` via a temp file in the same folder, keeping the old file's permissions."""
-    path = Path(path)
-    mode = (path.stat().st_mode & 0o777) if path.exists() else 0o644
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as handle:
-            handle.write(text)
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 class Backup:
@@ -303,7 +290,7 @@ def apply_changes(changes: list[CaptionChange], backup: Backup) -> int:
         if not change.changed:
             continue
         backup.save(change.path)
-        write_text_atomic(change.path, join_tags(change.new) + "\n")
+        write_text_atomically(change.path, join_tags(change.new) + "\n")
         written += 1
     return written
 

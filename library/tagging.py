@@ -24,6 +24,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from library.images import load_image, to_rgb
+from library.atomic import write_text_atomically
 from library.tag_edit import (
     Backup,
     TagEditError,
@@ -35,7 +36,6 @@ from library.tag_edit import (
     normalise_extension,
     read_tags,
     tag_key,
-    write_text_atomic,
 )
 
 MODEL_FILE = "model.onnx"
@@ -379,5 +379,5 @@ def _label_batch(batch: list[tuple[Path, Path, list[str]]], labeller, mode: str,
             continue
         if existing:
             backup.save(target)
-        write_text_atomic(target, join_tags(new) + "\n")
+        write_text_atomically(target, join_tags(new) + "\n")
         (report.appended if mode == "append" and existing else report.written).append(image)

@@ -7,6 +7,7 @@ from PIL import Image
 
 import tag_images
 from library.dataset import scan_subsets, subsets_from_folder
+from library.atomic import write_text_atomically
 from library.tag_edit import (
     BACKUP_FOLDER,
     Backup,
@@ -17,7 +18,6 @@ from library.tag_edit import (
     frequency_lines,
     read_tag_list,
     tag_frequency,
-    write_text_atomic,
 )
 
 
@@ -151,7 +151,7 @@ def test_atomic_write_keeps_permissions_and_backup_never_reuses_a_folder(tmp_pat
     path = tmp_path / "a.txt"
     path.write_text("old", encoding="utf-8")
     path.chmod(0o640)
-    write_text_atomic(path, "new\n")
+    write_text_atomically(path, "new\n")
     assert path.read_text(encoding="utf-8") == "new\n" and (path.stat().st_mode & 0o777) == 0o640
     assert [p.name for p in tmp_path.iterdir()] == ["a.txt"]  # no temp file left behind
     folders = []

@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import random
-import tempfile
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image, ImageDraw
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
+from library.atomic import write_atomically  # noqa: E402
 
 SEED = 1234
 SUPERSAMPLE = 4  # draw large, then downsample, for smooth edges
@@ -125,15 +127,6 @@ def _specs() -> tuple[list[PotSpec], list[PotSpec]]:
     return train, reg
 
 
-def _write_atomic(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _save(spec: PotSpec, folder: Path) -> None:
@@ -141,11 +134,11 @@ def _save(spec: PotSpec, folder: Path) -> None:
     img = draw_pot(spec)
     target = folder / spec.name
     if target.suffix == ".png":
-        _write_atomic(target, lambda tmp: img.save(tmp, format="PNG", optimize=True))
+        write_atomically(target, lambda tmp: img.save(tmp, format="PNG", optimize=True))
     else:
-        _write_atomic(target, lambda tmp: img.save(tmp, format="JPEG", quality=88))
+        write_atomically(target, lambda tmp: img.save(tmp, format="JPEG", quality=88))
     caption = target.with_suffix(".txt")
-    _write_atomic(caption, lambda tmp: Path(tmp).write_text(spec.caption + "\n", encoding="utf-8"))
+    write_atomically(caption, lambda tmp: Path(tmp).write_text(spec.caption + "\n", encoding="utf-8"))
 
 
 def make_sample_dataset(out: Path = DEFAULT_OUT) -> list[Path]:
