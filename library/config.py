@@ -528,9 +528,6 @@ def _ti_dataset_problems(config: "TIRunConfig") -> list[str]:
     if ds.reg_dir or any(subset.is_reg for subset in ds.subsets):
         problems.append("textual inversion uses no regularisation images (the model does not change, so there "
                         "is nothing to preserve): remove dataset.reg_dir and is_reg subsets")
-    if ds.cache_latents == "disk":
-        problems.append("textual inversion keeps its latents in memory (its sampling methods need the latent "
-                        "distribution): set dataset.cache_latents = \"memory\" or \"off\"")
     if getattr(ds, "cache_text_encoder_outputs", False):
         problems.append("textual inversion trains what the text encoder reads, so its outputs cannot be "
                         "cached: set dataset.cache_text_encoder_outputs = false")

@@ -30,7 +30,7 @@ from library.plan import TrainingPlan
 from library.sampling import SampleSpec, generate
 from library.schedules import A1111Schedule, a1111_lambda_scheduler
 from library.trainer import LoopParts, Trainer, TrainerHooks
-from library.training_data import Batch, TrainingData, derived_rng, hash_ints
+from library.training_data import Batch, LatentSource, TrainingData, derived_rng, hash_ints
 
 TEMPLATE_DIR = Path(__file__).resolve().parent / "templates"
 _LEADING_NUMBERS = re.compile(r"^[-\d]+\s*")  # A1111 strips "01-", "123 " from file names used as captions
@@ -172,18 +172,24 @@ class PromptedData:
 class SampledLatents:
     """Latents with A1111's sampling methods over the VAE's latent distribution: "once" draws one sample per
     image and keeps it (what the other trainers do), "deterministic" takes the mean (A1111 sets std to 0),
-    "random" draws a new sample every step. Distributions are encoded once (dataset.cache_latents = "memory")
-    or every step ("off", e.g. for random crops); the draws are seeded, so a resumed run sees the same ones."""
+    "random" draws a new sample every step. Distributions are encoded once (dataset.cache_latents = "memory"),
+    read from the shared disk cache ("disk") or encoded every step ("off", e.g. for random crops); the draws are seeded, so a resumed run sees the same ones."""
 
-    def __init__(self, data, vae, method: str, cache: bool, seed: int):
+    def __init__(self, data, vae, method: str, cache: str, seed: int):
         self.data = data
         self.vae = vae
         self.method = method
         self.seed = seed
-        self.cache: dict[tuple[int, bool], tuple[torch.Tensor, torch.Tensor]] | None = {} if cache else None
+        self.disk = cache == "disk"
+        self.cache: dict[tuple[int, bool], tuple[torch.Tensor, torch.Tensor]] | None = None if cache == "off" else {}
 
     def fill(self) -> None:
         if self.cache is None:
+            return
+        if self.disk:  # the shared disk cache keeps distributions: read them, encode only what is missing
+            source = LatentSource(self.data, self.vae, "disk", self.seed)
+            source.fill()
+            self.cache = {key: source.distribution(key) for key in source.keys()}
             return
         flips = (False, True) if self.data.flip_aug else (False,)
         keys = [(i, f) for i in range(len(self.data.items)) for f in flips]
@@ -338,7 +344,7 @@ class A1111Log(TrainerHooks):
                 loop.scheduler.step()
         dataset = self.config.dataset
         loop.latents = SampledLatents(self.data, loop.latents.vae, self.config.embedding.latent_sampling_method,
-                                      dataset.cache_latents == "memory", self.config.train.seed)
+                                      dataset.cache_latents, self.config.train.seed)
 
     # -- every step
     def after_step(self, trainer: Trainer, loop: LoopParts, loss: float, lrs: dict[str, float], batch: Batch) -> None:

@@ -221,3 +221,19 @@ def test_text_encoder_outputs_are_computed_once_per_caption():
     with torch.no_grad():
         expected = encode_text(encoder, tokenize(parts.tokenizer, ["a jug", "a pot"]), clip_skip=2)
     assert torch.allclose(second, expected, atol=1e-6) and torch.equal(first[0], first[2])
+
+
+def test_textual_inversion_reuses_the_cache_a_lora_run_wrote(tmp_path, vae_calls, capsys):
+    import train_textual_inversion
+
+    path = bucket_config(tmp_path, extra='cache_latents = "disk"')
+    assert train_lora.main([str(path)]) == 0
+    assert vae_calls["images"] == 6
+    ti = tmp_path / "ti.toml"
+    text = path.read_text().replace("[network]\nrank = 2\nalpha = 2\n", "")
+    text = text.replace('name = "b"', 'name = "pot_ti"')
+    ti.write_text(text + '\n[embedding]\nname = "kilnpotti"\nvectors = 1\nlatent_sampling_method = "random"\n'
+                  '[ti_log]\ncreate_image_every = 0\nsave_embedding_every = 0\n', encoding="utf-8")
+    assert train_textual_inversion.main([str(ti), "train.max_steps=3"]) == 0
+    assert vae_calls["images"] == 6  # TI read the LoRA run's latents: not one VAE encode
+    assert "6 reused, 0 encoded" in capsys.readouterr().out

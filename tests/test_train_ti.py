@@ -246,14 +246,13 @@ def test_config_mistakes_are_reported_together(tmp_path):
     text = MINIMAL.replace('name = "kilnpot"', 'name = "cat"\ntemplate = "no_such_template"\n'
                                                'learn_rate = "0.05:10, 0.02:abc"')
     text = text.replace("[train]", "[optimizer]\nscheduler = \"cosine\"\n[train]")
-    text = text.replace('train_dir = "{train}"', 'train_dir = "{train}"\nreg_dir = "{train}"\nshuffle_caption = true\n'
-                                               'cache_latents = "disk"')
+    text = text.replace('train_dir = "{train}"', 'train_dir = "{train}"\nreg_dir = "{train}"\nshuffle_caption = true')
     joined = "\n".join(ti_problems(tmp_path, text))
     assert "'cat" in joined and "already a token" in joined
     assert "no_such_template" in joined and "subject_filewords" in joined
     assert "'0.02:abc'" in joined
     assert "embedding.learn_rate sets the whole learning-rate schedule" in joined
-    assert "embedding.shuffle_tags" in joined and "dataset.cache_latents" in joined and "dataset.reg_dir" in joined
+    assert "embedding.shuffle_tags" in joined and "dataset.reg_dir" in joined
     assert any("'embedding.vectors' = 76" in p for p in ti_problems(tmp_path, MINIMAL, ["embedding.vectors=76"]))
 
 
