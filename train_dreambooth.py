@@ -21,6 +21,7 @@ from library.config import ConfigError, DreamBoothRunConfig, load_config  # noqa
 from library.dreambooth import DreamBoothHooks, DreamBoothTrainable  # noqa: E402
 from library.models import ModelLoadError, ModelParts, load_model  # noqa: E402
 from library.run import fail, output_problems, parse_args, prepare_run  # noqa: E402
+from library.sampling import with_sampling  # noqa: E402
 from library.trainer import Trainer, runtime_problems  # noqa: E402
 
 DESCRIPTION = __doc__.splitlines()[0]
@@ -78,7 +79,8 @@ def main(argv: list[str] | None = None) -> int:
     parts = parts or _load(config)
     trainable = DreamBoothTrainable(parts, config)
     print(trainable.describe())
-    Trainer(config, parts, trainable, run.data, run.plan, DreamBoothHooks(trainable)).train()
+    hooks = with_sampling(DreamBoothHooks(trainable), config, parts)
+    Trainer(config, parts, trainable, run.data, run.plan, hooks).train()
     return 0
 
 

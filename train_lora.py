@@ -17,6 +17,7 @@ from library.config import LoraRunConfig  # noqa: E402
 from library.lora_training import LoraTrainable, lora_metadata  # noqa: E402
 from library.models import load_model  # noqa: E402
 from library.run import fail, prepare_run  # noqa: E402
+from library.sampling import with_sampling  # noqa: E402
 from library.trainer import Trainer  # noqa: E402
 
 
@@ -32,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:  # e.g. network.init_weights of another rank
         fail(str(err))
     print(trainable.describe())
-    Trainer(config, parts, trainable, run.data, run.plan).train()
+    Trainer(config, parts, trainable, run.data, run.plan, with_sampling(None, config, parts)).train()
     return 0
 
 

@@ -15,9 +15,10 @@ from library.quiet import quiet_libraries
 quiet_libraries()  # before the imports below pull in diffusers and transformers
 
 from library.config import TIRunConfig  # noqa: E402
-from library.embeddings import EmbeddingError  # noqa: E402
+from library.embeddings import EmbeddingError, expand_name  # noqa: E402
 from library.models import load_model  # noqa: E402
 from library.run import fail, prepare_run  # noqa: E402
+from library.sampling import with_sampling  # noqa: E402
 from library.ti_training import prepare_embedding_training  # noqa: E402
 from library.trainer import Trainer  # noqa: E402
 
@@ -36,7 +37,9 @@ def main(argv: list[str] | None = None) -> int:
     if setup is None:
         return 0
     print(setup.describe())
-    Trainer(config, parts, setup.trainable, setup.data, setup.plan, setup.hooks).train()
+    emb = config.embedding
+    hooks = with_sampling(setup.hooks, config, parts, lambda text: expand_name(text, emb.name, emb.vectors))
+    Trainer(config, parts, setup.trainable, setup.data, setup.plan, hooks).train()
     return 0
 
 

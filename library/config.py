@@ -182,6 +182,47 @@ class LoggingSection(Section):
     log_dir: str = "logs"
 
 
+class SampleSection(Section):
+    """Preview images during training (library/sampling.py): kohya prompt lines, inline or from a file."""
+
+    prompts: list[str] = []  # kohya lines: "a dog --n blurry --w 512 --h 512 --s 20 --l 7 --d 1 --ss euler_a"
+    prompt_file: str = ""  # one such line per line; '#' starts a comment line
+    every_n_steps: int = Field(0, ge=0)  # 0 = off
+    every_n_epochs: int = Field(0, ge=0)
+    before_training: bool = False
+    sampler: str = "euler_a"  # euler_a, euler, ddim, dpm++ 2m, dpm++ 2m karras
+    negative_prompt: str = ""
+    width: int = Field(0, ge=0, multiple_of=8)  # 0 = dataset.resolution
+    height: int = Field(0, ge=0, multiple_of=8)
+    steps: int = Field(20, ge=1, le=150)
+    cfg_scale: float = Field(7.0, ge=0)
+    seed: int | None = None  # prompt i uses seed + i unless its line has --d; None = train.seed
+
+    @model_validator(mode="after")
+    def _usable(self) -> "SampleSection":
+        from library.prompt_file import PromptError, canonical_sampler, parse_prompt_lines, read_prompt_file
+
+        problems = []
+        try:
+            canonical_sampler(self.sampler)
+        except ValueError as err:
+            problems.append(f"sample.sampler: {err}")
+        count = 0
+        try:
+            count = len(parse_prompt_lines(list(self.prompts), "sample.prompts"))
+            if self.prompt_file:
+                count += len(read_prompt_file(self.prompt_file))
+        except (PromptError, ValueError) as err:
+            problems.append(str(err))
+        scheduled = self.every_n_steps or self.every_n_epochs or self.before_training
+        if scheduled and not count and not problems:
+            problems.append("sample.every_n_steps / every_n_epochs / before_training ask for previews but there "
+                            "are no prompts: set sample.prompts or sample.prompt_file")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+
 class RunConfig(Section):
     """Sections every trainer shares."""
 
@@ -191,6 +232,7 @@ class RunConfig(Section):
     train: TrainSection
     save: SaveSection = SaveSection()
     logging: LoggingSection = LoggingSection()
+    sample: SampleSection = SampleSection()
 
 
 class LoraRunConfig(RunConfig):
@@ -368,6 +410,7 @@ def check_paths_and_names(data: dict, base: Path) -> list[str]:
         (table("model"), "config_dir", "model.config_dir", "folder"),
         (table("save"), "resume", "save.resume", "folder"),
         (table("network"), "init_weights", "network.init_weights", "file"),
+        (table("sample"), "prompt_file", "sample.prompt_file", "file"),
     ]
     subsets = table("dataset").get("subsets")
     for i, subset in enumerate(subsets if isinstance(subsets, list) else []):

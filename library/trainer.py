@@ -65,8 +65,46 @@ class TrainerHooks:
         """After a save.resume state has loaded (trainer.progress is the resumed step), before training goes on:
         whatever after_step changes at a given step must already hold when a run resumes past it."""
 
+    def before_train(self, trainer: "Trainer", loop: "LoopParts") -> None:
+        """After set-up and resume, right before the first step (trainer.log exists)."""
+
+    def after_epoch(self, trainer: "Trainer", loop: "LoopParts", epoch: int) -> None:
+        """After the last step of each complete epoch (also the run's last); `epoch`: epochs done, 1-based."""
+
     def after_train(self, trainer: "Trainer", loop: "LoopParts", final: Path) -> None:
         """After the final artifact is saved."""
+
+
+class CombinedHooks(TrainerHooks):
+    """Several hooks as one: each event goes to each hook in the order given (a script's own hooks first,
+    so e.g. sampling sees what they changed)."""
+
+    def __init__(self, *hooks: TrainerHooks | None):
+        self.hooks = [hook for hook in hooks if hook is not None]
+
+    def configure(self, trainer, loop) -> None:
+        for hook in self.hooks:
+            hook.configure(trainer, loop)
+
+    def after_step(self, trainer, loop, loss, lrs, batch) -> None:
+        for hook in self.hooks:
+            hook.after_step(trainer, loop, loss, lrs, batch)
+
+    def after_resume(self, trainer, loop) -> None:
+        for hook in self.hooks:
+            hook.after_resume(trainer, loop)
+
+    def before_train(self, trainer, loop) -> None:
+        for hook in self.hooks:
+            hook.before_train(trainer, loop)
+
+    def after_epoch(self, trainer, loop, epoch) -> None:
+        for hook in self.hooks:
+            hook.after_epoch(trainer, loop, epoch)
+
+    def after_train(self, trainer, loop, final) -> None:
+        for hook in self.hooks:
+            hook.after_train(trainer, loop, final)
 
 
 def pixel_weighted_loss(prediction: torch.Tensor, target: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -118,6 +156,7 @@ class Trainer:
         self.output_dir = Path(config.save.output_dir)
         self.progress = Progress()
         self.hooks = hooks or TrainerHooks()
+        self.log: RunLog | None = None  # while training: the progress bar and TensorBoard writer hooks may use
 
     # ---------------------------------------------------------------- set-up
     def _setup(self) -> LoopParts:
@@ -261,7 +300,9 @@ class Trainer:
         self.trainable.set_train(True)
         log = RunLog(self.config.logging.log_dir, self.config.save.name, self.plan.total_steps,
                      self.progress.global_step)
+        self.log = log
         try:
+            self.hooks.before_train(self, loop)
             self._epochs(loop, log)
         except KeyboardInterrupt:
             self._save_interrupted(loop, log)
@@ -310,6 +351,8 @@ class Trainer:
                     break
             if epoch_losses:
                 log.epoch_end(epoch, sum(epoch_losses) / len(epoch_losses))
+            if self.progress.epoch == epoch and self.progress.next_batch == len(batches):
+                self.hooks.after_epoch(self, loop, epoch + 1)
             if self.progress.global_step < self.plan.total_steps:
                 self.progress = Progress(self.progress.global_step, epoch + 1, 0)
                 self._save_if_due(loop, log, epoch_done=True)

@@ -142,3 +142,13 @@ def test_cli_check_reports_config_errors_without_traceback(tmp_path):
                             capture_output=True, text=True, cwd=tmp_path)
     assert result.returncode == 2
     assert "did you mean 'rank'" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_sample_prompt_file_is_checked_and_found_beside_the_config(tmp_path, monkeypatch):
+    path = write(tmp_path, MINIMAL + "[sample]\nprompt_file = \"prompts.txt\"\nevery_n_steps = 5\n")
+    problems = problems_of(path)
+    assert any("sample.prompt_file: file not found: prompts.txt" in p for p in problems)
+    (tmp_path / "prompts.txt").write_text("a kiln pot --w 64 --h 64 --s 2\n", encoding="utf-8")
+    monkeypatch.chdir(tmp_path.parent)  # run from elsewhere: the path resolves against the config's folder
+    config = load_config(path, [], LoraRunConfig)
+    assert Path(config.sample.prompt_file) == tmp_path / "prompts.txt"
