@@ -14,7 +14,7 @@ from library.quiet import quiet_libraries
 
 quiet_libraries()  # before the imports below pull in diffusers and transformers
 
-from library.config import TIRunConfig  # noqa: E402
+from library.ti_config import TIRunConfig  # noqa: E402
 from library.embeddings import EmbeddingError, expand_name  # noqa: E402
 from library.models import load_model  # noqa: E402
 from library.run import fail, prepare_run  # noqa: E402

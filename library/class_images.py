@@ -15,7 +15,7 @@ import torch
 from tqdm import tqdm
 
 from library.atomic import write_atomically
-from library.config import DreamBoothRunConfig
+from library.dreambooth_config import DreamBoothRunConfig
 from library.images import IMAGE_EXTENSIONS
 from library.models import ModelParts
 from library.trainer import resolve_device

@@ -9,7 +9,7 @@ from accelerate import init_empty_weights
 from torch import nn
 
 from library.checkpoints import Progress
-from library.config import DreamBoothRunConfig
+from library.dreambooth_config import DreamBoothRunConfig
 from library.models import ModelParts, save_diffusers, save_single_file
 from library.trainer import TrainerHooks
 

@@ -18,7 +18,7 @@ from PIL import Image, ImageOps
 from tqdm import tqdm
 
 from library.checkpoints import Progress
-from library.config import TIRunConfig
+from library.ti_config import TIRunConfig
 from library.dataset import CaptionOptions, process_caption
 from library.embeddings import (Embedding, EmbeddingError, add_tokens, expand_name, init_vectors, load_embedding,
                                 load_optimizer_state, save_embedding, save_optimizer_state, save_png, token_names)

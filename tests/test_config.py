@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from library.config import (ConfigError, DreamBoothRunConfig, LoraRunConfig, TIRunConfig, config_to_toml, load_config,
-                            parse_override)
+from library.config import ConfigError, LoraRunConfig, config_to_toml, load_config, parse_override
+from library.dreambooth_config import DreamBoothRunConfig
+from library.ti_config import TIRunConfig
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIGS = sorted((REPO / "configs").glob("*.toml"))

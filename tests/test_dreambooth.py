@@ -13,7 +13,8 @@ from safetensors.torch import load_file
 import train_dreambooth
 from library import checkpoint_layout as layout
 from library.conditioning import encode_text, tokenize
-from library.config import ConfigError, DreamBoothRunConfig, load_config
+from library.config import ConfigError, load_config
+from library.dreambooth_config import DreamBoothRunConfig
 from library.diffusion_loss import fixed_denoising_loss
 from library.dreambooth import save_model
 from library.images import load_image, resize_and_crop, to_tensor

@@ -18,7 +18,8 @@ from transformers import CLIPTextConfig, CLIPTextModel
 import train_textual_inversion
 from library.clip_tokenizer import build_clip_tokenizer
 from library.conditioning import encode_text, tokenize
-from library.config import ConfigError, TIRunConfig, config_to_toml, load_config
+from library.config import ConfigError, config_to_toml, load_config
+from library.ti_config import TIRunConfig
 from library.dataset import CaptionOptions, ImageItem
 from library.diffusion_loss import fixed_denoising_loss, per_sample_loss
 from library.embeddings import add_tokens, expand_name, init_vectors, load_embedding, read_png_embedding
