@@ -31,6 +31,9 @@ def wrap(text: str, font, width: int) -> list[str]:
                 cut = len(line) - 1
                 while cut > 1 and font.getlength(line[:cut]) > width:
                     cut -= 1
+                # file names read better broken after a separator: "my_lora-" / "000002"
+                breaks = [i + 1 for i, ch in enumerate(line[:cut]) if ch in "-_.,/" and i > 0]
+                cut = breaks[-1] if breaks else cut
                 lines.append(line[:cut])
                 line = line[cut:]
         lines.append(line)
