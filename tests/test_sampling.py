@@ -103,3 +103,23 @@ def test_sample_section_errors_are_clear(tmp_path, capsys):
         train_lora.main([path, 'sample.prompts=["a --w 13"]', "sample.sampler=heun", "--check"])
     err = capsys.readouterr().err
     assert "sample.prompts:1: --w 13" in err and "unknown sampler 'heun'" in err
+
+
+def test_textual_inversion_and_dreambooth_write_previews(tmp_path):
+    """The [sample] section works in every trainer; in TI the embedding's name is spelled out for the prompt."""
+    import train_dreambooth
+    import train_textual_inversion
+    from tests import test_dreambooth, test_train_ti
+
+    ti_dir, db_dir = tmp_path / "ti", tmp_path / "db"
+    ti_dir.mkdir(), db_dir.mkdir()
+    samples = ['sample.prompts=["a photo of kilnpot --s 2 --d 3"]', "sample.every_n_steps=2", "sample.steps=2"]
+    assert train_textual_inversion.main([str(test_train_ti.config_text(ti_dir)), "train.max_steps=2",
+                                         "ti_log.create_image_every=0", *samples]) == 0
+    assert [p.name for p in (ti_dir / "out" / "samples").glob("*.png")] == ["kilnpot-s000002-e000001-00.png"]
+    from PIL import Image
+    with Image.open(ti_dir / "out" / "samples" / "kilnpot-s000002-e000001-00.png") as image:
+        assert image.text["parameters"].startswith("a photo of kilnpot kilnpot_1\n")  # both vectors used
+    assert train_dreambooth.main([str(test_dreambooth.config_text(db_dir, reg=False)), "train.max_steps=2",
+                                  *samples]) == 0
+    assert len(list((db_dir / "out" / "samples").glob("t-s000002-*.png"))) == 1
