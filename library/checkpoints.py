@@ -1,6 +1,7 @@
 """Output files of a run: names that carry epoch/step, keep-last-K, atomic writes, resumable training state."""
 from __future__ import annotations
 
+import glob
 import json
 import os
 import re
@@ -53,25 +54,28 @@ def existing_outputs(output_dir: Path, name: str) -> list[Path]:
     return sorted(p for p in output_dir.iterdir() if pattern.match(p.name))
 
 
-def prune_intermediates(output_dir: Path, name: str, suffix: str, keep_last: int) -> list[Path]:
-    """Delete all but the newest `keep_last` epoch files and step files (each kind separately), with their states.
-    An artifact may be a folder (a diffusers model, suffix "")."""
-    if keep_last <= 0:
+def remove_artifact(artifact: Path) -> None:
+    """Delete an intermediate artifact (file or diffusers folder), its state folder and sidecars (`.optim`)."""
+    if artifact.is_dir():
+        shutil.rmtree(artifact)
+    elif artifact.exists():
+        artifact.unlink()
+    state = state_dir_for(artifact)
+    if state.is_dir():
+        shutil.rmtree(state)
+    for sidecar in artifact.parent.glob(glob.escape(artifact.name) + ".*"):
+        sidecar.unlink()
+
+
+def prune_saved(saved: list[Path], keep_last: int) -> list[Path]:
+    """Keep the newest `keep_last` of the intermediates THIS run saved (oldest first in `saved`); delete the rest.
+    Files of earlier runs are never touched: they may carry higher step numbers than this run's."""
+    if keep_last <= 0 or len(saved) <= keep_last:
         return []
-    removed = []
-    for kind in (r"-\d{6}", r"-step\d{8}"):
-        pattern = re.compile(rf"^{re.escape(name)}{kind}{re.escape(suffix)}$")
-        files = sorted(p for p in output_dir.iterdir() if pattern.match(p.name))
-        for old in files[:-keep_last]:
-            if old.is_dir():
-                shutil.rmtree(old)
-            else:
-                old.unlink()
-            state = state_dir_for(old)
-            if state.is_dir():
-                shutil.rmtree(state)
-            removed.append(old)
-    return removed
+    old, saved[:] = saved[:-keep_last], saved[-keep_last:]
+    for artifact in old:
+        remove_artifact(artifact)
+    return old
 
 
 def save_state(folder: Path, progress: Progress, trainable: dict[str, torch.Tensor], optimizer, scheduler,

@@ -168,7 +168,7 @@ class TrainSection(Section):
 
 class SaveSection(Section):
     output_dir: str = "output"
-    name: str = Field("lora", pattern=r"^[^/\\:*?\"<>|]+$")
+    name: str = Field("lora", pattern=r"^[^./\\:*?\"<>|][^/\\:*?\"<>|]*$")  # no path, not hidden
     every_n_epochs: int = Field(0, ge=0)
     every_n_steps: int = Field(0, ge=0)
     keep_last: int = Field(0, ge=0)  # 0 = keep every intermediate file
@@ -433,7 +433,7 @@ def check_paths_and_names(data: dict, base: Path) -> list[str]:
     if table("optimizer").get("warmup_steps") and table("optimizer").get("warmup_ratio"):
         problems.append("optimizer.warmup_steps and optimizer.warmup_ratio are both set: keep one")
     dataset = table("dataset")
-    has_train_subset = any(isinstance(s, dict) and not s.get("is_reg") for s in (subsets or []))
+    has_train_subset = any(isinstance(s, dict) and not s.get("is_reg") for s in (subsets if isinstance(subsets, list) else []))
     if not dataset.get("train_dir") and not has_train_subset:
         problems.append("dataset: no training images configured: set dataset.train_dir or add [[dataset.subsets]]")
     return problems

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from peft import LoraConfig, inject_adapter_in_model
 from peft.tuners.lora import LoraLayer
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from torch import nn
 
 ADAPTER = "kiln"
@@ -144,9 +144,12 @@ def load_kohya_into(model: nn.Module, targets: list[Target], weights: dict[str, 
 
 
 def read_lora_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Tensors and metadata of a kohya LoRA .safetensors file."""
-    with safe_open(str(path), framework="pt") as f:
-        return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+    """Tensors and metadata of a kohya LoRA .safetensors file (ValueError naming the file if it is not one)."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+    except (OSError, SafetensorError) as err:
+        raise ValueError(f"{path} is not a readable .safetensors LoRA file ({err})") from None
 
 
 def lora_delta(down: torch.Tensor, up: torch.Tensor, alpha: float) -> torch.Tensor:

@@ -16,6 +16,7 @@ from library.config import LoraRunConfig
 from library.dataset import DatasetScan
 from library.models import ModelParts
 from library.plan import TrainingPlan
+from library.schedules import resolve_warmup_steps
 
 SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -48,6 +49,13 @@ class LoraTrainable:
         if net.init_weights:
             weights, _ = lora.read_lora_file(net.init_weights)
             count = sum(lora.load_kohya_into(m, t, weights) for m, t, _ in self.models.values())
+            if count == 0:
+                raise ValueError(f"network.init_weights: no module of {net.init_weights} matches this network "
+                                 "(another model family, or conv layers with network.conv_rank = 0?)")
+            file_alphas = {float(v) for k, v in weights.items() if k.endswith(".alpha")}
+            if file_alphas - {float(net.alpha), float(net.conv_alpha)}:
+                raise ValueError(f"network.init_weights: the file's alpha {sorted(file_alphas)} differs from "
+                                 f"network.alpha {net.alpha:g} / conv_alpha {net.conv_alpha:g}; set them to match")
             print(f"network: started from {net.init_weights} ({count} modules loaded)")
 
     def describe(self) -> str:
@@ -130,7 +138,7 @@ def lora_metadata(config: LoraRunConfig, parts: ModelParts, scan: DatasetScan, p
         "ss_text_encoder_lr": str(net.text_encoder_lr or opt.lr) if net.train_text_encoder else "0",
         "ss_optimizer": f"{opt.name}({json.dumps(opt.args)})" if opt.args else opt.name,
         "ss_lr_scheduler": opt.scheduler,
-        "ss_lr_warmup_steps": str(opt.warmup_steps),
+        "ss_lr_warmup_steps": str(resolve_warmup_steps(plan.total_steps, opt.warmup_steps, opt.warmup_ratio)),
         "ss_max_train_steps": str(plan.total_steps),
         "ss_num_epochs": str(plan.epochs),
         "ss_num_batches_per_epoch": str(plan.batches_per_epoch),

@@ -220,3 +220,11 @@ def build_optimizer(name: str, param_groups: list[dict], lr: float | None, args:
     if canonical == "AdamW8bit":
         _probe_bitsandbytes(cls, optimizer.param_groups)  # its params are lists now, even if given generators
     return optimizer
+
+
+def check_optimizer(name: str, lr: float | None, args: dict) -> None:
+    """Build the optimizer once on a throwaway tensor, so a bad name, argument or value (or a library that cannot
+    run here) fails before any model loads. Raises OptimizerError; prints nothing (the real build warns)."""
+    probe = torch.zeros(4, requires_grad=True)
+    with silenced():
+        build_optimizer(name, [{"params": [probe], "lr": lr, "name": "check"}], lr, dict(args or {}))

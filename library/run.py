@@ -17,7 +17,9 @@ from library.config import ConfigError, RunConfig, config_to_toml, load_config
 from library.dataset import (CaptionOptions, DatasetError, DatasetScan, Subset, balance_reg_items,
                              reg_balance_message, scan_subsets, subsets_from_folder)
 from library.latent_cache import cache_dir_for
+from library.optimizers import OptimizerError, check_optimizer
 from library.plan import TrainingPlan, make_plan
+from library.schedules import resolve_warmup_steps
 from library.trainer import runtime_problems
 from library.training_data import TrainingData, text_encoder_cache_problem
 
@@ -97,7 +99,21 @@ def build_data(config: RunConfig, scan: DatasetScan) -> tuple[TrainingData, Trai
                         sizes, cache_dir, ds.vae_batch_size)
     plan = make_plan(train_samples, sum(i.repeats for i in reg), train.batch_size, len(data.epoch_batches(0)),
                      train.gradient_accumulation_steps, train.max_steps, train.epochs)
+    resolve_warmup_steps(plan.total_steps, config.optimizer.warmup_steps, config.optimizer.warmup_ratio)
+    if cache_dir is not None:
+        check_writable(cache_dir, "dataset.cache_dir")
     return data, plan, notes
+
+
+def check_writable(folder: Path, key: str) -> None:
+    """Fail now, not after the model loaded, when an output folder cannot be created or written."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / ".kiln-write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise ValueError(f"{key}: cannot write to {folder} ({err.strerror or err}); choose another folder") from None
 
 
 def output_problems(config: RunConfig, suffix_note: str = "") -> list[str]:
@@ -138,6 +154,10 @@ def prepare_run(argv: list[str] | None, config_model: type[RunConfig], descripti
         print(config_to_toml(config), end="")
         return None
     problems = runtime_problems(config.train) + ([] if args.check else output_problems(config))
+    try:
+        check_optimizer(config.optimizer.name, config.optimizer.lr, config.optimizer.args)
+    except OptimizerError as err:
+        problems.append(f"optimizer: {err}")
     if problems:
         fail(str(ConfigError(args.config, problems)))
     try:

@@ -3,6 +3,7 @@ decides HOW: noise, loss, accumulation, mixed precision, checkpoints, resume, Ct
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -12,7 +13,7 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
 
 from library.attention import select_attention
-from library.checkpoints import (Progress, epoch_file, final_file, load_state, prune_intermediates, save_state,
+from library.checkpoints import (Progress, epoch_file, final_file, load_state, prune_saved, save_state,
                                  state_dir_for, step_file)
 from library.config import RunConfig, TrainSection
 from library.diffusion_loss import make_noise, min_snr_weights, per_sample_loss, sample_timesteps, target_for
@@ -128,6 +129,8 @@ def runtime_problems(train: TrainSection) -> list[str]:
     problems = []
     if train.device == "cuda" and not torch.cuda.is_available():
         problems.append("train.device = 'cuda' but no CUDA device is available; use 'auto' or 'cpu'")
+    elif train.device == "mps" and not torch.backends.mps.is_available():
+        problems.append("train.device = 'mps' but Apple's MPS backend is not available here; use 'auto' or 'cpu'")
     elif device.type == "cpu" and train.mixed_precision == "fp16":
         problems.append("train.mixed_precision = 'fp16' needs a GPU; on the CPU use 'bf16' or 'no'")
     return problems
@@ -157,6 +160,7 @@ class Trainer:
         self.progress = Progress()
         self.hooks = hooks or TrainerHooks()
         self.log: RunLog | None = None  # while training: the progress bar and TensorBoard writer hooks may use
+        self.saved: dict[str, list[Path]] = {"epoch": [], "step": []}  # this run's intermediates, for keep_last
 
     # ---------------------------------------------------------------- set-up
     def _setup(self) -> LoopParts:
@@ -211,6 +215,12 @@ class Trainer:
             loop.accelerator.scaler.load_state_dict(state.scaler)
         self.progress = state.progress
         saved_total = state.extra.get("total_steps")
+        shape = self._run_shape()
+        changed = [f"{key} {state.extra[key]} → {shape[key]}" for key in shape
+                   if key != "total_steps" and key in state.extra and state.extra[key] != shape[key]]
+        if changed:
+            raise ValueError(f"{folder} was saved by a run with other data or batching ({'; '.join(changed)}): "
+                             "resuming would not continue its data order; restore those settings or start anew")
         if saved_total is not None and saved_total != self.plan.total_steps:
             print(f"note: the state was saved by a run planned for {saved_total} steps; this one plans "
                   f"{self.plan.total_steps}, so the LR schedule continues on the new length")
@@ -252,13 +262,22 @@ class Trainer:
         loop.optimizer.zero_grad(set_to_none=True)
 
     # ---------------------------------------------------------------- saving
-    def _save(self, loop: LoopParts, artifact: Path, with_state: bool) -> None:
+    def _save(self, loop: LoopParts, artifact: Path, with_state: bool, kind: str | None = None) -> None:
+        """Write the artifact (and state); `kind` "epoch"/"step" marks an intermediate that keep_last prunes."""
         self.trainable.save(artifact, self.progress)
         if with_state:
             save_state(state_dir_for(artifact), self.progress, self.trainable.state_dict(), loop.optimizer,
-                       loop.scheduler, loop.accelerator.scaler, {"total_steps": self.plan.total_steps})
-        prune_intermediates(self.output_dir, self.config.save.name, self.trainable.artifact_suffix,
-                            self.config.save.keep_last)
+                       loop.scheduler, loop.accelerator.scaler, self._run_shape())
+        if kind is not None:
+            self.saved[kind].append(artifact)
+            prune_saved(self.saved[kind], self.config.save.keep_last)
+
+    def _run_shape(self) -> dict:
+        """What a resumed run must share with this one for its data order and schedule to continue exactly."""
+        train = self.config.train
+        return {"total_steps": self.plan.total_steps, "seed": train.seed, "batch_size": train.batch_size,
+                "gradient_accumulation_steps": train.gradient_accumulation_steps,
+                "batches_per_epoch": self.plan.batches_per_epoch, "samples_per_epoch": self.plan.samples_per_epoch}
 
     def _save_if_due(self, loop: LoopParts, log: RunLog, epoch_done: bool) -> None:
         save, p = self.config.save, self.progress
@@ -267,12 +286,12 @@ class Trainer:
             return  # the final save follows
         suffix = self.trainable.artifact_suffix
         if epoch_done and save.every_n_epochs and p.epoch % save.every_n_epochs == 0:
-            path = epoch_file(self.output_dir, save.name, p.epoch, suffix)
+            path, kind = epoch_file(self.output_dir, save.name, p.epoch, suffix), "epoch"
         elif not epoch_done and save.every_n_steps and p.global_step % save.every_n_steps == 0:
-            path = step_file(self.output_dir, save.name, p.global_step, suffix)
+            path, kind = step_file(self.output_dir, save.name, p.global_step, suffix), "step"
         else:
             return
-        self._save(loop, path, save.save_state)
+        self._save(loop, path, save.save_state, kind)
         log.write(f"saved {path}")
 
     def _save_interrupted(self, loop: LoopParts, log: RunLog | None) -> None:
@@ -285,10 +304,19 @@ class Trainer:
 
     # ---------------------------------------------------------------- the loop
     def train(self) -> Path:
+        layers = getattr(self.parts.text_encoder.config, "num_hidden_layers", None)
+        if layers is not None and self.config.model.clip_skip > layers:
+            print(f"error: model.clip_skip = {self.config.model.clip_skip} but the text encoder has {layers} layers",
+                  file=sys.stderr)
+            raise SystemExit(2)
         loop = self._setup()
         self.hooks.configure(self, loop)
         if self.config.save.resume:
-            self._resume(loop)
+            try:
+                self._resume(loop)
+            except ValueError as err:  # a state of another network/optimizer/data: say so, no traceback
+                print(f"error: cannot resume from {self.config.save.resume}: {err}", file=sys.stderr)
+                raise SystemExit(2) from None
         if self.progress.global_step >= self.plan.total_steps:
             print(f"the state is already at step {self.progress.global_step} of {self.plan.total_steps}: "
                   "nothing to train; raise train.max_steps / train.epochs to continue")
@@ -353,7 +381,7 @@ class Trainer:
                 log.epoch_end(epoch, sum(epoch_losses) / len(epoch_losses))
             if self.progress.epoch == epoch and self.progress.next_batch == len(batches):
                 self.hooks.after_epoch(self, loop, epoch + 1)
-            if self.progress.global_step < self.plan.total_steps:
+                # a finished epoch counts as done even when it is the last (the final file's ss_epoch)
                 self.progress = Progress(self.progress.global_step, epoch + 1, 0)
                 self._save_if_due(loop, log, epoch_done=True)
 

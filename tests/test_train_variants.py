@@ -153,3 +153,50 @@ is_reg = true
     resolved = tomllib.loads(printed)
     assert resolved["network"]["rank"] == 5 and resolved["dataset"]["subsets"][1]["is_reg"] is True
     assert resolved["optimizer"]["name"] == "AdamW"  # defaults are shown too
+
+
+def test_keep_last_prunes_only_this_runs_files_and_final_counts_every_epoch(tmp_path):
+    path = make_config(tmp_path, "builtin:tiny-sd15")
+    out = tmp_path / "out"
+    out.mkdir()
+    earlier = out / "v-step00000099.safetensors"  # an earlier run's file with a higher step number
+    earlier.write_bytes(b"earlier run")
+    args = [str(path), "save.overwrite=true", "train.max_steps=6", "save.every_n_steps=2", "save.keep_last=1"]
+    assert train_lora.main(args) == 0
+    assert earlier.read_bytes() == b"earlier run"
+    assert sorted(p.name for p in out.glob("v-step*")) == ["v-step00000004.safetensors", "v-step00000099.safetensors"]
+    # 60 samples / batch 6 = 10 steps per epoch: 20 steps = 2 whole epochs, so the final file says epoch 2
+    assert train_lora.main([str(path), "save.name=e", "train.max_steps=20", "train.batch_size=6"]) == 0
+    assert metadata(out / "e.safetensors")["ss_epoch"] == "2"
+
+
+def test_resume_with_other_batching_is_refused(tmp_path, capsys):
+    path = make_config(tmp_path, "builtin:tiny-sd15")
+    assert train_lora.main([str(path), "save.every_n_steps=2", "save.save_state=true"]) == 0
+    state = (tmp_path / "out" / "v-step00000002-state").as_posix()
+    with pytest.raises(SystemExit) as info:
+        train_lora.main([str(path), f"save.resume={state}", "train.batch_size=2", "save.name=r"])
+    assert info.value.code == 2
+    assert "batch_size 1 → 2" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("override, message", [
+    ("optimizer.args={betas=5}", "optimizer: AdamW"),
+    ("optimizer.warmup_steps=500", "longer than the whole run"),
+    ("save.name=..", "'save.name'"),
+])
+def test_late_failures_are_caught_before_the_model_loads(tmp_path, capsys, monkeypatch, override, message):
+    path = make_config(tmp_path, "builtin:tiny-sd15")
+    monkeypatch.setattr(train_lora, "load_model", lambda *a, **k: pytest.fail("the model must not load"))
+    with pytest.raises(SystemExit) as info:
+        train_lora.main([str(path), override])
+    assert info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_init_weights_that_is_not_a_lora_file_is_a_clear_error(tmp_path, capsys):
+    path = make_config(tmp_path, "builtin:tiny-sd15")
+    with pytest.raises(SystemExit) as info:
+        train_lora.main([str(path), f"network.init_weights={path.as_posix()}"])
+    assert info.value.code == 2
+    assert "is not a readable .safetensors LoRA file" in capsys.readouterr().err
