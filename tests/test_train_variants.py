@@ -166,8 +166,18 @@ def test_keep_last_prunes_only_this_runs_files_and_final_counts_every_epoch(tmp_
     assert earlier.read_bytes() == b"earlier run"
     assert sorted(p.name for p in out.glob("v-step*")) == ["v-step00000004.safetensors", "v-step00000099.safetensors"]
     # 60 samples / batch 6 = 10 steps per epoch: 20 steps = 2 whole epochs, so the final file says epoch 2
-    assert train_lora.main([str(path), "save.name=e", "train.max_steps=20", "train.batch_size=6"]) == 0
+    assert train_lora.main([str(path), "save.name=e", "train.max_steps=20", "train.batch_size=6",
+                            "optimizer.warmup_ratio=0.25"]) == 0
     assert metadata(out / "e.safetensors")["ss_epoch"] == "2"
+    assert metadata(out / "e.safetensors")["ss_lr_warmup_steps"] == "5"  # 0.25 × 20 steps
+
+
+def test_clip_skip_beyond_the_text_encoder_is_one_line(tmp_path, capsys):
+    path = make_config(tmp_path, "builtin:tiny-sd15")
+    with pytest.raises(SystemExit) as info:
+        train_lora.main([str(path), "model.clip_skip=5"])
+    assert info.value.code == 2
+    assert "model.clip_skip = 5 but the text encoder has 2 layers" in capsys.readouterr().err
 
 
 def test_resume_with_other_batching_is_refused(tmp_path, capsys):
@@ -180,16 +190,18 @@ def test_resume_with_other_batching_is_refused(tmp_path, capsys):
     assert "batch_size 1 → 2" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("override, message", [
-    ("optimizer.args={betas=5}", "optimizer: AdamW"),
-    ("optimizer.warmup_steps=500", "longer than the whole run"),
-    ("save.name=..", "'save.name'"),
+@pytest.mark.parametrize("overrides, message", [
+    (["optimizer.args={betas=5}"], "optimizer: AdamW"),
+    (["optimizer.warmup_steps=500"], "longer than the whole run"),
+    (["save.name=.."], "'save.name'"),
+    (["dataset.cache_latents=disk", "dataset.cache_dir={file}/cache"], "dataset.cache_dir: cannot write"),
 ])
-def test_late_failures_are_caught_before_the_model_loads(tmp_path, capsys, monkeypatch, override, message):
+def test_late_failures_are_caught_before_the_model_loads(tmp_path, capsys, monkeypatch, overrides, message):
     path = make_config(tmp_path, "builtin:tiny-sd15")
     monkeypatch.setattr(train_lora, "load_model", lambda *a, **k: pytest.fail("the model must not load"))
+    overrides = [o.replace("{file}", path.as_posix()) for o in overrides]  # a file cannot hold a folder
     with pytest.raises(SystemExit) as info:
-        train_lora.main([str(path), override])
+        train_lora.main([str(path), *overrides])
     assert info.value.code == 2
     assert message in capsys.readouterr().err
 
