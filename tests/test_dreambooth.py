@@ -11,15 +11,12 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import train_dreambooth
+from tests.helpers import training_set_loss
 from library import checkpoint_layout as layout
-from library.conditioning import encode_text, tokenize
 from library.config import ConfigError, load_config
 from library.dreambooth_config import DreamBoothRunConfig
-from library.diffusion_loss import fixed_denoising_loss
 from library.dreambooth import save_model
-from library.images import load_image, resize_and_crop, to_tensor
 from library.models import build_builtin, load_model, save_diffusers
-from library.training_data import encode_latents
 
 REPO = Path(__file__).resolve().parent.parent
 SAMPLES = REPO / "examples" / "sample_dataset"
@@ -61,18 +58,6 @@ def run(path: Path, *overrides: str) -> int:
     return train_dreambooth.main([str(path), *overrides])
 
 
-def instance_loss(parts, train_dir: Path) -> float:
-    """Denoising loss on the instance images with fixed timesteps and noise (lower = learnt them better)."""
-    images = sorted(p for p in train_dir.rglob("*") if p.suffix in (".png", ".jpg"))
-    pixels = torch.stack([to_tensor(resize_and_crop(load_image(p), 64, 64)) for p in images])
-    latents = encode_latents(parts.vae, pixels, torch.Generator().manual_seed(0))
-    captions = [p.with_suffix(".txt").read_text(encoding="utf-8").strip() for p in images]
-    with torch.no_grad():
-        conditioning = encode_text(parts.text_encoder, tokenize(parts.tokenizer, captions))
-    return fixed_denoising_loss(parts.unet, parts.noise_scheduler, latents, conditioning, parts.v_prediction,
-                                timesteps=[100, 300, 500, 700, 900], seed=123)
-
-
 def unet_weights(path: Path) -> dict[str, torch.Tensor]:
     return {k: v for k, v in load_file(str(path)).items() if k.startswith(layout.UNET_PREFIX)}
 
@@ -109,7 +94,7 @@ def test_fine_tune_learns_and_single_file_loads_in_our_loader_and_diffusers(trai
     final = trained / "out" / "t.safetensors"
     tuned = load_model(str(final))
     base = build_builtin("tiny-sd15")
-    before, after = instance_loss(base, trained / "data" / "train"), instance_loss(tuned, trained / "data" / "train")
+    before, after = (training_set_loss(m, trained / "data" / "train") for m in (base, tuned))
     assert after < before * 0.9, (before, after)
 
     config_folder = trained / "base-diffusers"  # diffusers needs a local config folder to stay offline

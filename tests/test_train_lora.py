@@ -10,12 +10,9 @@ from safetensors.torch import load_file
 
 import train_lora
 from library import lora
-from library.conditioning import encode_text, tokenize
-from library.diffusion_loss import fixed_denoising_loss
-from library.images import load_image, resize_and_crop, to_tensor
 from library.models import build_builtin
 from library.trainer import Trainer
-from library.training_data import encode_latents
+from tests.helpers import training_set_loss
 
 REPO = Path(__file__).resolve().parent.parent
 SAMPLES = REPO / "examples" / "sample_dataset" / "train"
@@ -55,22 +52,6 @@ def run(path: Path, *overrides: str) -> int:
     return train_lora.main([str(path), *overrides])
 
 
-def image_latents_and_captions(train_dir: Path):
-    parts = build_builtin("tiny-sd15")
-    images = sorted(p for p in train_dir.rglob("*") if p.suffix in (".png", ".jpg"))
-    pixels = torch.stack([to_tensor(resize_and_crop(load_image(p), 64, 64)) for p in images])
-    latents = encode_latents(parts.vae, pixels, torch.Generator().manual_seed(0))
-    captions = [p.with_suffix(".txt").read_text(encoding="utf-8").strip() for p in images]
-    return parts, latents, captions
-
-
-def denoising_loss(parts, latents, captions) -> float:
-    with torch.no_grad():
-        conditioning = encode_text(parts.text_encoder, tokenize(parts.tokenizer, captions))
-    return fixed_denoising_loss(parts.unet, parts.noise_scheduler, latents, conditioning, parts.v_prediction,
-                                timesteps=[100, 300, 500, 700, 900], seed=123)
-
-
 def test_training_lowers_denoising_loss_and_file_has_kohya_layout(tmp_path):
     path = config_text(tmp_path)
     assert run(path, "train.max_steps=40", "network.rank=8", "dataset.flip_aug=false",
@@ -88,11 +69,11 @@ def test_training_lowers_denoising_loss_and_file_has_kohya_layout(tmp_path):
     assert any(k.startswith("lora_unet_") for k in weights)
     assert all(v.dtype == torch.float16 for v in weights.values())  # save.precision default
 
-    parts, latents, captions = image_latents_and_captions(tmp_path / "train")
-    before = denoising_loss(parts, latents, captions)
+    parts = build_builtin("tiny-sd15")
+    before = training_set_loss(parts, tmp_path / "train")
     lora.merge_lora({lora.UNET_PREFIX: parts.unet, lora.TE_PREFIX: parts.text_encoder},
                     {k: v.float() for k, v in weights.items()})
-    after = denoising_loss(parts, latents, captions)
+    after = training_set_loss(parts, tmp_path / "train")
     assert after < before * 0.97, (before, after)
 
     events = list((tmp_path / "logs").rglob("events.out.tfevents.*"))

@@ -16,14 +16,13 @@ from PIL import Image
 from transformers import CLIPTextConfig, CLIPTextModel
 
 import train_textual_inversion
+from tests.helpers import training_set_loss
 from library.clip_tokenizer import build_clip_tokenizer
-from library.conditioning import encode_text, tokenize
 from library.config import ConfigError, config_to_toml, load_config
 from library.ti_config import TIRunConfig
 from library.dataset import CaptionOptions, ImageItem
-from library.diffusion_loss import fixed_denoising_loss, per_sample_loss
+from library.diffusion_loss import per_sample_loss
 from library.embeddings import add_tokens, expand_name, init_vectors, load_embedding, read_png_embedding
-from library.images import load_image, resize_and_crop, to_tensor
 from library.latent_cache import encode_distribution
 from library.models import CONFIG_ROOT, ModelParts, build_builtin
 from library.ti_training import (PromptedData, SampledLatents, builtin_templates, filename_words, template_lines)
@@ -92,16 +91,10 @@ def denoising_loss_with(vectors: torch.Tensor, init_text: str = "pot") -> float:
     """Training-set loss (fixed timesteps and noise) with `vectors` in the embedding's rows of a fresh model."""
     parts = build_builtin("tiny-sd15")
     ids = add_tokens(parts.tokenizer, parts.text_encoder, "kilnpot", vectors.shape[0])
-    images = sorted(p for p in SAMPLES.rglob("*") if p.suffix in (".png", ".jpg"))
-    pixels = torch.stack([to_tensor(resize_and_crop(load_image(p), 64, 64)) for p in images])
-    mean, _ = encode_distribution(parts.vae, pixels)
-    prompts = [expand_name(f"kilnpot, {p.with_suffix('.txt').read_text(encoding='utf-8').strip()}", "kilnpot", 2)
-               for p in images]
     with torch.no_grad():
         parts.text_encoder.get_input_embeddings().weight[ids] = vectors
-        conditioning = encode_text(parts.text_encoder, tokenize(parts.tokenizer, prompts))
-    return fixed_denoising_loss(parts.unet, parts.noise_scheduler, mean * parts.vae.config.scaling_factor,
-                                conditioning, False, timesteps=[100, 300, 500, 700, 900], seed=123)
+    return training_set_loss(parts, SAMPLES, lambda caption: expand_name(f"kilnpot, {caption}", "kilnpot", 2),
+                             latent_mean=True)
 
 
 def test_only_new_rows_change_the_loss_drops_and_the_a1111_layout_is_written(tmp_path, monkeypatch):

@@ -1,0 +1,31 @@
+"""Measurements several test files share."""
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from library.conditioning import encode_text, tokenize
+from library.diffusion_loss import fixed_denoising_loss
+from library.images import load_image, resize_and_crop, to_tensor
+from library.latent_cache import encode_distribution
+from library.training_data import encode_latents
+
+TIMESTEPS = [100, 300, 500, 700, 900]
+
+
+def training_set_loss(parts, train_dir: Path, prompt: Callable[[str], str] = str, latent_mean: bool = False,
+                      size: int = 64) -> float:
+    """Denoising loss on every image under `train_dir` with its caption (through `prompt`), at fixed timesteps
+    and noise: lower means the model (with whatever add-on it carries) learnt these images better.
+    latent_mean: use the VAE's mean instead of one seeded sample (textual inversion's "deterministic")."""
+    images = sorted(p for p in Path(train_dir).rglob("*") if p.suffix in (".png", ".jpg"))
+    pixels = torch.stack([to_tensor(resize_and_crop(load_image(p), size, size)) for p in images])
+    if latent_mean:
+        latents = encode_distribution(parts.vae, pixels)[0] * parts.vae.config.scaling_factor
+    else:
+        latents = encode_latents(parts.vae, pixels, torch.Generator().manual_seed(0))
+    prompts = [prompt(p.with_suffix(".txt").read_text(encoding="utf-8").strip()) for p in images]
+    with torch.no_grad():
+        conditioning = encode_text(parts.text_encoder, tokenize(parts.tokenizer, prompts))
+    return fixed_denoising_loss(parts.unet, parts.noise_scheduler, latents, conditioning, parts.v_prediction,
+                                timesteps=TIMESTEPS, seed=123)
