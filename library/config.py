@@ -223,6 +223,19 @@ class SampleSection(Section):
         return self
 
 
+def fill_defaults(data: Any, defaults: dict[tuple[str, str], Any]) -> Any:
+    """A trainer's own defaults, set before validation where the file leaves {(section, key): value} out, so an
+    explicit value always wins and --print-config round-trips. Non-table sections are left for the schema."""
+    if not isinstance(data, dict):
+        return data
+    data = dict(data)
+    for (section, key), value in defaults.items():
+        table = data.get(section, {})
+        if isinstance(table, dict):
+            data[section] = {key: value, **table}
+    return data
+
+
 class RunConfig(Section):
     """Sections every trainer shares."""
 

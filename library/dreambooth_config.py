@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from library.config import RunConfig, Section, SubsetSection
+from library.config import RunConfig, Section, SubsetSection, fill_defaults
 
 
 class DreamBoothSection(Section):
@@ -36,15 +36,7 @@ class DreamBoothRunConfig(RunConfig):
     @model_validator(mode="before")
     @classmethod
     def _dreambooth_defaults(cls, data: Any) -> Any:
-        # fills keys the file leaves out, so an explicit value always wins and --print-config round-trips
-        if not isinstance(data, dict):
-            return data
-        data = dict(data)
-        for section, key, value in (("save", "name", "dreambooth"), ("optimizer", "lr", 2e-6)):
-            table = data.get(section, {})
-            if isinstance(table, dict):  # anything else is reported by the schema
-                data[section] = {key: value, **table}
-        return data
+        return fill_defaults(data, {("save", "name"): "dreambooth", ("optimizer", "lr"): 2e-6})
 
     @model_validator(mode="after")
     def _dreambooth_rules(self) -> "DreamBoothRunConfig":

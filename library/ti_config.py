@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from library.config import RunConfig, Section
+from library.config import RunConfig, Section, fill_defaults
 
 
 class EmbeddingSection(Section):
@@ -58,30 +58,22 @@ class TIRunConfig(RunConfig):
     @model_validator(mode="before")
     @classmethod
     def _a1111_defaults(cls, data: Any) -> Any:
-        # fills keys the file leaves out, so an explicit value always wins and --print-config round-trips
         if not isinstance(data, dict):
             return data
         from library.embeddings import name_problem
 
-        data = dict(data)
-        for key in ("save", "optimizer"):  # a non-table value is left for the schema to report
-            if isinstance(data.get(key, {}), dict):
-                data[key] = dict(data.get(key, {}))
-        if not (isinstance(data["save"], dict) and isinstance(data["optimizer"], dict)):
-            return data
         embedding = data.get("embedding") if isinstance(data.get("embedding"), dict) else {}
-        save, optimizer = data["save"], data["optimizer"]
+        optimizer = data.get("optimizer") if isinstance(data.get("optimizer"), dict) else {}
+        defaults = {("save", "precision"): "fp32",  # a few kilobytes: no reason to round them
+                    ("optimizer", "lr"): 0.005, ("optimizer", "max_grad_norm"): 0.0}
         name = embedding.get("name")
         if isinstance(name, str) and name_problem(name) is None:
-            save.setdefault("name", name)
-        save.setdefault("precision", "fp32")  # a few kilobytes: no reason to round them
+            defaults[("save", "name")] = name
         if embedding.get("resume"):
-            save.setdefault("overwrite", True)  # continuing an embedding replaces its later files, as in A1111
-        optimizer.setdefault("lr", 0.005)
-        optimizer.setdefault("max_grad_norm", 0.0)
+            defaults[("save", "overwrite")] = True  # continuing an embedding replaces its later files, as in A1111
         if str(optimizer.get("name", "AdamW")).lower().replace("_", "").startswith("adamw"):
-            optimizer.setdefault("args", {"weight_decay": 0.0})  # AdamW's own default (0.01) shrinks the vectors
-        return data
+            defaults[("optimizer", "args")] = {"weight_decay": 0.0}  # AdamW's default (0.01) shrinks the vectors
+        return fill_defaults(data, defaults)
 
     @model_validator(mode="after")
     def _ti_rules(self) -> "TIRunConfig":

@@ -253,7 +253,7 @@ class Trainer:
         return (losses * weights).mean()
 
     def _optimizer_step(self, loop: LoopParts) -> None:
-        params = [p for g in self.trainable.param_groups() for p in g["params"]]
+        params = [p for g in loop.optimizer.param_groups for p in g["params"]]  # not re-collected from the model
         if self.config.optimizer.max_grad_norm:
             loop.accelerator.clip_grad_norm_(params, self.config.optimizer.max_grad_norm)
         loop.optimizer.step()
