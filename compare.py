@@ -19,9 +19,9 @@ from library.quiet import quiet_libraries
 
 quiet_libraries()  # before the imports below pull in diffusers and transformers
 
-from library.compare import AXIS_KINDS, CompareError, Settings, parse_axis, render  # noqa: E402
-from library.prompt_file import canonical_sampler  # noqa: E402
-from library.run import fail  # noqa: E402
+from library.sampling.compare import AXIS_KINDS, CompareError, Settings, parse_axis, render  # noqa: E402
+from library.sampling.prompt_file import canonical_sampler  # noqa: E402
+from library.recipes.run import fail  # noqa: E402
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -21,11 +21,11 @@ quiet_libraries()  # before the imports below pull in diffusers and transformers
 import torch  # noqa: E402
 from pydantic import ConfigDict  # noqa: E402
 
-from library.buckets import assign_buckets, bucket_settings, square_assignment  # noqa: E402
-from library.config import ConfigError, DatasetSection, ModelSection, Section, load_config  # noqa: E402
-from library.dataset import DatasetError, balance_reg_items  # noqa: E402
-from library.latent_cache import DiskLatentCache, LatentEntry, cache_dir_for  # noqa: E402
-from library.run import fail, scan_dataset  # noqa: E402
+from library.data.buckets import assign_buckets, bucket_settings, square_assignment  # noqa: E402
+from library.config.schema import ConfigError, DatasetSection, ModelSection, Section, load_config  # noqa: E402
+from library.data.folders import DatasetError, balance_reg_items  # noqa: E402
+from library.data.latent_cache import DiskLatentCache, LatentEntry, cache_dir_for  # noqa: E402
+from library.recipes.run import fail, scan_dataset  # noqa: E402
 
 
 class PrepareConfig(Section):
@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def load_vae(config: PrepareConfig, device: str):
     """The config's VAE in fp32 (as the trainer encodes), on `device`."""
-    from library.models import load_model
+    from library.models.loading import load_model
 
     v_param = None if config.model.v_parameterization == "auto" else config.model.v_parameterization
     parts = load_model(config.model.path, v_param, config.model.config_dir or None)

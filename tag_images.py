@@ -17,7 +17,11 @@ import argparse
 import sys
 from pathlib import Path
 
-from library import crop, tag_edit, tagging
+from library.prep import crop
+
+from library.prep import tag_edit
+
+from library.prep import tagging
 
 
 def _tags(values: list[str] | None) -> tuple[str, ...]:

@@ -16,14 +16,14 @@ quiet_libraries()  # before the imports below pull in diffusers and transformers
 
 import torch  # noqa: E402
 
-from library.class_images import ClassImageStatus, class_image_status, generate_class_images  # noqa: E402
-from library.config import ConfigError, load_config  # noqa: E402
-from library.dreambooth_config import DreamBoothRunConfig  # noqa: E402
-from library.dreambooth import DreamBoothHooks, DreamBoothTrainable  # noqa: E402
-from library.models import ModelLoadError, ModelParts, load_model  # noqa: E402
-from library.run import fail, output_problems, parse_args, prepare_run  # noqa: E402
-from library.sampling import with_sampling  # noqa: E402
-from library.trainer import Trainer, runtime_problems  # noqa: E402
+from library.recipes.class_images import ClassImageStatus, class_image_status, generate_class_images  # noqa: E402
+from library.config.schema import ConfigError, load_config  # noqa: E402
+from library.recipes.dreambooth_config import DreamBoothRunConfig  # noqa: E402
+from library.recipes.dreambooth import DreamBoothHooks, DreamBoothTrainable  # noqa: E402
+from library.models.loading import ModelLoadError, ModelParts, load_model  # noqa: E402
+from library.recipes.run import fail, output_problems, parse_args, prepare_run  # noqa: E402
+from library.sampling.preview import with_sampling  # noqa: E402
+from library.training.trainer import Trainer, runtime_problems  # noqa: E402
 
 DESCRIPTION = __doc__.splitlines()[0]
 

@@ -13,12 +13,12 @@ from library.quiet import quiet_libraries
 
 quiet_libraries()  # before the imports below pull in peft, diffusers and transformers
 
-from library.config import LoraRunConfig  # noqa: E402
-from library.lora_training import LoraTrainable, lora_metadata  # noqa: E402
-from library.models import load_model  # noqa: E402
-from library.run import fail, prepare_run  # noqa: E402
-from library.sampling import with_sampling  # noqa: E402
-from library.trainer import Trainer  # noqa: E402
+from library.config.schema import LoraRunConfig  # noqa: E402
+from library.networks.trainable import LoraTrainable, lora_metadata  # noqa: E402
+from library.models.loading import load_model  # noqa: E402
+from library.recipes.run import fail, prepare_run  # noqa: E402
+from library.sampling.preview import with_sampling  # noqa: E402
+from library.training.trainer import Trainer  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

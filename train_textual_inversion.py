@@ -14,13 +14,13 @@ from library.quiet import quiet_libraries
 
 quiet_libraries()  # before the imports below pull in diffusers and transformers
 
-from library.ti_config import TIRunConfig  # noqa: E402
-from library.embeddings import EmbeddingError, expand_name  # noqa: E402
-from library.models import load_model  # noqa: E402
-from library.run import fail, prepare_run  # noqa: E402
-from library.sampling import with_sampling  # noqa: E402
-from library.ti_training import prepare_embedding_training  # noqa: E402
-from library.trainer import Trainer  # noqa: E402
+from library.recipes.ti_config import TIRunConfig  # noqa: E402
+from library.networks.embeddings import EmbeddingError, expand_name  # noqa: E402
+from library.models.loading import load_model  # noqa: E402
+from library.recipes.run import fail, prepare_run  # noqa: E402
+from library.sampling.preview import with_sampling  # noqa: E402
+from library.recipes.ti_training import prepare_embedding_training  # noqa: E402
+from library.training.trainer import Trainer  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -221,14 +221,14 @@ log_dir = "{(folder / 'logs').as_posix()}"
 def build_sd15_random():
     """ModelParts with the full SD1.5 architecture from library/model_configs/sd1 and seeded random weights.
 
-    Mirrors library.models.build_builtin, which only accepts the tiny built-ins; nothing is downloaded.
+    Mirrors library.models.loading.build_builtin, which only accepts the tiny built-ins; nothing is downloaded.
     """
     import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from library.clip_tokenizer import build_clip_tokenizer
-    from library.models import CONFIG_ROOT, ModelParts, training_scheduler
+    from library.models.clip_tokenizer import build_clip_tokenizer
+    from library.models.loading import CONFIG_ROOT, ModelParts, training_scheduler
 
     folder = CONFIG_ROOT / "sd1"
 
@@ -257,11 +257,11 @@ def run_model(model: str, args: argparse.Namespace) -> ModelResult:
     from library.quiet import quiet_libraries
 
     quiet_libraries()
-    from library.config import LoraRunConfig
-    from library.lora_training import LoraTrainable, lora_metadata
-    from library.models import load_model
-    from library.run import prepare_run
-    from library.trainer import Trainer
+    from library.config.schema import LoraRunConfig
+    from library.networks.trainable import LoraTrainable, lora_metadata
+    from library.models.loading import load_model
+    from library.recipes.run import prepare_run
+    from library.training.trainer import Trainer
 
     with tempfile.TemporaryDirectory(prefix="kiln-bench-") as tmp:
         run = prepare_run([str(write_config(Path(tmp), args))], LoraRunConfig, "training benchmark")

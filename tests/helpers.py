@@ -4,11 +4,11 @@ from pathlib import Path
 
 import torch
 
-from library.conditioning import encode_text, tokenize
-from library.diffusion_loss import fixed_denoising_loss
-from library.images import load_image, resize_and_crop, to_tensor
-from library.latent_cache import encode_distribution
-from library.training_data import encode_latents
+from library.models.conditioning import encode_text, tokenize
+from library.training.loss import fixed_denoising_loss
+from library.data.images import load_image, resize_and_crop, to_tensor
+from library.data.latent_cache import encode_distribution
+from library.data.sources import encode_latents
 
 TIMESTEPS = [100, 300, 500, 700, 900]
 

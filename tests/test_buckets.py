@@ -8,11 +8,11 @@ import pytest
 from PIL import Image
 
 import train_lora
-from library.buckets import (BucketSettings, assign_buckets, auto_bucket_range, bucket_resolutions, closest_bucket,
+from library.data.buckets import (BucketSettings, assign_buckets, auto_bucket_range, bucket_resolutions, closest_bucket,
                              no_upscale_bucket, upright_size)
-from library.config import ConfigError, LoraRunConfig, load_config
-from library.dataset import CaptionOptions, ImageItem
-from library.training_data import LatentSource, TrainingData
+from library.config.schema import ConfigError, LoraRunConfig, load_config
+from library.data.folders import CaptionOptions, ImageItem
+from library.data.sources import LatentSource, TrainingData
 
 SETTINGS = [(512, 64), (512, 32), (768, 64), (1024, 64), (96, 32), (640, 64)]
 

@@ -8,10 +8,10 @@ from PIL import Image
 from safetensors.torch import save_file
 
 import compare
-from library import lora
-from library.compare import CompareError, parse_axis
-from library.grid import make_grid
-from library.models import build_builtin
+from library.networks import lora
+from library.sampling.compare import CompareError, parse_axis
+from library.sampling.grid import make_grid
+from library.models.loading import build_builtin
 
 
 def test_grid_has_every_cell_where_expected_and_drawn_labels():

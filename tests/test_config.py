@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from library.config import ConfigError, LoraRunConfig, config_to_toml, load_config, parse_override
-from library.dreambooth_config import DreamBoothRunConfig
-from library.ti_config import TIRunConfig
+from library.config.schema import ConfigError, LoraRunConfig, config_to_toml, load_config, parse_override
+from library.recipes.dreambooth_config import DreamBoothRunConfig
+from library.recipes.ti_config import TIRunConfig
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIGS = sorted((REPO / "configs").glob("*.toml"))

@@ -8,8 +8,8 @@ import pytest
 from PIL import Image, ImageDraw, ImageFilter
 
 import tag_images
-from library import crop
-from library.crop import (
+from library.prep import crop
+from library.prep.crop import (
     Focus,
     PrepareError,
     PrepareOptions,
@@ -17,7 +17,7 @@ from library.crop import (
     prepare_dataset,
     repeats_for_steps,
 )
-from library.dataset import scan_subsets, subsets_from_folder
+from library.data.folders import scan_subsets, subsets_from_folder
 
 
 def drawn_face(width: int) -> Image.Image:

@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from library.dataset import (
+from library.data.folders import (
     CaptionOptions,
     DatasetError,
     ImageItem,
@@ -24,7 +24,7 @@ from library.dataset import (
     scan_subsets,
     subsets_from_folder,
 )
-from library.images import image_problem, load_alpha, load_image, resize_and_crop, to_tensor
+from library.data.images import image_problem, load_alpha, load_image, resize_and_crop, to_tensor
 
 REPO = Path(__file__).resolve().parent.parent
 SAMPLE = REPO / "examples" / "sample_dataset"

@@ -12,11 +12,11 @@ from safetensors.torch import load_file
 
 import train_dreambooth
 from tests.helpers import training_set_loss
-from library import checkpoint_layout as layout
-from library.config import ConfigError, load_config
-from library.dreambooth_config import DreamBoothRunConfig
-from library.dreambooth import save_model
-from library.models import build_builtin, load_model, save_diffusers
+from library.models import ldm_layout as layout
+from library.config.schema import ConfigError, load_config
+from library.recipes.dreambooth_config import DreamBoothRunConfig
+from library.recipes.dreambooth import save_model
+from library.models.loading import build_builtin, load_model, save_diffusers
 
 REPO = Path(__file__).resolve().parent.parent
 SAMPLES = REPO / "examples" / "sample_dataset"

@@ -11,12 +11,12 @@ from PIL import Image
 
 import prepare_buckets
 import train_lora
-from library.conditioning import encode_text, tokenize
-from library.config import ConfigError, LoraRunConfig, load_config
-from library.dataset import CaptionOptions, ImageItem
-from library.latent_cache import DiskLatentCache, LatentEntry, vae_identity
-from library.models import build_builtin
-from library.training_data import Batch, ConditioningSource, LatentSource, TrainingData
+from library.models.conditioning import encode_text, tokenize
+from library.config.schema import ConfigError, LoraRunConfig, load_config
+from library.data.folders import CaptionOptions, ImageItem
+from library.data.latent_cache import DiskLatentCache, LatentEntry, vae_identity
+from library.models.loading import build_builtin
+from library.data.sources import Batch, ConditioningSource, LatentSource, TrainingData
 from tests.test_buckets import bucket_config
 
 

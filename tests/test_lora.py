@@ -4,9 +4,9 @@ import copy
 import pytest
 import torch
 
-from library import lora
-from library.checkpoints import atomic_save_safetensors
-from library.models import build_builtin
+from library.networks import lora
+from library.training.checkpoints import atomic_save_safetensors
+from library.models.loading import build_builtin
 
 
 @pytest.fixture(scope="module")

@@ -11,10 +11,10 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 import train_dreambooth
-from library import lora
-from library.checkpoints import atomic_save_safetensors
-from library.conditioning import encode_text, tokenize
-from library.models import build_builtin, load_model
+from library.networks import lora
+from library.training.checkpoints import atomic_save_safetensors
+from library.models.conditioning import encode_text, tokenize
+from library.models.loading import build_builtin, load_model
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tools"))

@@ -22,9 +22,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from library import checkpoint_layout as layout
-from library.clip_tokenizer import build_clip_tokenizer
-from library.models import (
+from library.models import ldm_layout as layout
+from library.models.clip_tokenizer import build_clip_tokenizer
+from library.models.loading import (
     BUILTIN_MODELS,
     CONFIG_ROOT,
     ModelLoadError,

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from library import optimizers
-from library.optimizers import (
+from library.training import optimizers
+from library.training.optimizers import (
     OPTIMIZER_NAMES,
     OptimizerError,
     build_optimizer,
@@ -16,7 +16,7 @@ from library.optimizers import (
     optimizer_name_problem,
     uses_relative_step,
 )
-from library.schedules import build_scheduler, current_lrs
+from library.training.schedules import build_scheduler, current_lrs
 
 BNB_HINT = "use AdamW, or install CUDA bitsandbytes (requirements-gpu.txt)"
 
@@ -96,7 +96,7 @@ def test_adamw8bit_that_cannot_step_on_this_hardware_is_refused_up_front(monkeyp
 def test_importing_bitsandbytes_and_adafactor_prints_nothing():
     code = (
         "import torch\n"
-        "from library.optimizers import build_optimizer\n"
+        "from library.training.optimizers import build_optimizer\n"
         "p = [torch.nn.Parameter(torch.zeros(4))]\n"
         "build_optimizer('AdamW8bit', [{'params': p}], 1e-4, {})\n"
         "build_optimizer('Adafactor', [{'params': p}], 1e-4, {})\n"

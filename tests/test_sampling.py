@@ -7,9 +7,9 @@ import torch
 from safetensors.torch import load_file
 
 import train_lora
-from library.models import build_builtin
-from library.prompt_file import PromptError, canonical_sampler, parse_prompt_line, parse_prompt_lines
-from library.sampling import SampleSpec, decode_latents, generate
+from library.models.loading import build_builtin
+from library.sampling.prompt_file import PromptError, canonical_sampler, parse_prompt_line, parse_prompt_lines
+from library.sampling.preview import SampleSpec, decode_latents, generate
 from tests.test_train_lora import config_text
 
 

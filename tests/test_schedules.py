@@ -4,8 +4,8 @@ A1111 (modules/textual_inversion/learn_schedule.py)."""
 import pytest
 import torch
 
-from library.optimizers import build_optimizer
-from library.schedules import (
+from library.training.optimizers import build_optimizer
+from library.training.schedules import (
     SCHEDULER_NAMES,
     A1111Schedule,
     StepRate,

@@ -6,9 +6,9 @@ import pytest
 from PIL import Image
 
 import tag_images
-from library.dataset import scan_subsets, subsets_from_folder
+from library.data.folders import scan_subsets, subsets_from_folder
 from library.atomic import write_text_atomically
-from library.tag_edit import (
+from library.prep.tag_edit import (
     BACKUP_FOLDER,
     Backup,
     TagEditError,

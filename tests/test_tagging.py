@@ -13,9 +13,9 @@ import pytest
 from PIL import Image
 
 import tag_images
-from library import tagging
-from library.tag_edit import BACKUP_FOLDER
-from library.tagging import (
+from library.prep import tagging
+from library.prep.tag_edit import BACKUP_FOLDER
+from library.prep.tagging import (
     TaggingError,
     TagOptions,
     WD14Tagger,

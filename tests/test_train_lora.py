@@ -9,9 +9,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 import train_lora
-from library import lora
-from library.models import build_builtin
-from library.trainer import Trainer
+from library.networks import lora
+from library.models.loading import build_builtin
+from library.training.trainer import Trainer
 from tests.helpers import training_set_loss
 
 REPO = Path(__file__).resolve().parent.parent

@@ -17,17 +17,17 @@ from transformers import CLIPTextConfig, CLIPTextModel
 
 import train_textual_inversion
 from tests.helpers import training_set_loss
-from library.clip_tokenizer import build_clip_tokenizer
-from library.config import ConfigError, config_to_toml, load_config
-from library.ti_config import TIRunConfig
-from library.dataset import CaptionOptions, ImageItem
-from library.diffusion_loss import per_sample_loss
-from library.embeddings import add_tokens, expand_name, init_vectors, load_embedding, read_png_embedding
-from library.latent_cache import encode_distribution
-from library.models import CONFIG_ROOT, ModelParts, build_builtin
-from library.ti_training import (PromptedData, SampledLatents, builtin_templates, filename_words, template_lines)
-from library.trainer import pixel_weighted_loss
-from library.training_data import TrainingData
+from library.models.clip_tokenizer import build_clip_tokenizer
+from library.config.schema import ConfigError, config_to_toml, load_config
+from library.recipes.ti_config import TIRunConfig
+from library.data.folders import CaptionOptions, ImageItem
+from library.training.loss import per_sample_loss
+from library.networks.embeddings import add_tokens, expand_name, init_vectors, load_embedding, read_png_embedding
+from library.data.latent_cache import encode_distribution
+from library.models.loading import CONFIG_ROOT, ModelParts, build_builtin
+from library.recipes.ti_training import (PromptedData, SampledLatents, builtin_templates, filename_words, template_lines)
+from library.training.trainer import pixel_weighted_loss
+from library.data.sources import TrainingData
 
 REPO = Path(__file__).resolve().parent.parent
 SAMPLES = REPO / "examples" / "sample_dataset" / "train"

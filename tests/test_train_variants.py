@@ -10,7 +10,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 import train_lora
-from library.models import build_builtin, save_single_file
+from library.models.loading import build_builtin, save_single_file
 
 REPO = Path(__file__).resolve().parent.parent
 SAMPLES = REPO / "examples" / "sample_dataset"

@@ -21,7 +21,7 @@ quiet_libraries()  # before torch/diffusers imports print their banners
 
 import torch  # noqa: E402
 
-from library.models import ModelLoadError, load_model, save_diffusers, save_single_file  # noqa: E402
+from library.models.loading import ModelLoadError, load_model, save_diffusers, save_single_file  # noqa: E402
 
 PRECISIONS = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 V_CHOICES = {"auto": None, "true": True, "false": False}

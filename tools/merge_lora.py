@@ -21,9 +21,9 @@ quiet_libraries()  # before torch/diffusers imports print their banners
 
 import torch  # noqa: E402
 
-from library import lora  # noqa: E402
-from library.dreambooth import model_format, save_model  # noqa: E402
-from library.models import ModelLoadError, load_model  # noqa: E402
+from library.networks import lora  # noqa: E402
+from library.recipes.dreambooth import model_format, save_model  # noqa: E402
+from library.models.loading import ModelLoadError, load_model  # noqa: E402
 
 PRECISIONS = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 

@@ -8,10 +8,10 @@ import torch
 from accelerate import init_empty_weights
 from torch import nn
 
-from library.checkpoints import Progress
-from library.dreambooth_config import DreamBoothRunConfig
-from library.models import ModelParts, save_diffusers, save_single_file
-from library.trainer import TrainerHooks
+from library.training.checkpoints import Progress
+from library.recipes.dreambooth_config import DreamBoothRunConfig
+from library.models.loading import ModelParts, save_diffusers, save_single_file
+from library.training.trainer import TrainerHooks
 
 SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 UNET_KEY, TEXT_ENCODER_KEY = "unet.", "text_encoder."

@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from library.images import IMAGE_EXTENSIONS, image_problem
+from library.data.images import IMAGE_EXTENSIONS, image_problem
 
 # Caption extensions people's tools write; used to spot captions the configured extension does not match.
 COMMON_CAPTION_EXTENSIONS = (".txt", ".caption", ".cap", ".tags")

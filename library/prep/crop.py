@@ -21,9 +21,9 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from library.images import IMAGE_EXTENSIONS, load_image, to_rgb
-from library.tag_edit import caption_paths, normalise_extension
-from library.tagging import IMAGE_ERRORS, TaggingError, require_package
+from library.data.images import IMAGE_EXTENSIONS, load_image, to_rgb
+from library.prep.tag_edit import caption_paths, normalise_extension
+from library.prep.tagging import IMAGE_ERRORS, TaggingError, require_package
 
 Box = tuple[int, int, int, int]  # left, top, width, height
 Detector = Callable[[Image.Image], list[Box]]

@@ -17,20 +17,20 @@ import torch
 from PIL import Image, ImageOps
 from tqdm import tqdm
 
-from library.checkpoints import Progress
-from library.ti_config import TIRunConfig
-from library.dataset import CaptionOptions, process_caption
-from library.embeddings import (Embedding, EmbeddingError, add_tokens, expand_name, init_vectors, load_embedding,
+from library.training.checkpoints import Progress
+from library.recipes.ti_config import TIRunConfig
+from library.data.folders import CaptionOptions, process_caption
+from library.networks.embeddings import (Embedding, EmbeddingError, add_tokens, expand_name, init_vectors, load_embedding,
                                 load_optimizer_state, save_embedding, save_optimizer_state, save_png, token_names)
-from library.images import load_alpha, resize_and_crop
-from library.latent_cache import encode_distribution, sample_latent
-from library.models import ModelParts
-from library.optimizers import canonical_optimizer_name
-from library.plan import TrainingPlan
-from library.sampling import SampleSpec, generate
-from library.schedules import A1111Schedule, a1111_lambda_scheduler
-from library.trainer import LoopParts, Trainer, TrainerHooks
-from library.training_data import Batch, LatentSource, TrainingData, derived_rng, hash_ints
+from library.data.images import load_alpha, resize_and_crop
+from library.data.latent_cache import encode_distribution, sample_latent
+from library.models.loading import ModelParts
+from library.training.optimizers import canonical_optimizer_name
+from library.training.plan import TrainingPlan
+from library.sampling.preview import SampleSpec, generate
+from library.training.schedules import A1111Schedule, a1111_lambda_scheduler
+from library.training.trainer import LoopParts, Trainer, TrainerHooks
+from library.data.sources import Batch, LatentSource, TrainingData, derived_rng, hash_ints
 
 TEMPLATE_DIR = Path(__file__).resolve().parent / "templates"
 _LEADING_NUMBERS = re.compile(r"^[-\d]+\s*")  # A1111 strips "01-", "123 " from file names used as captions

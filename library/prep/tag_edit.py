@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from library.atomic import write_text_atomically
-from library.dataset import COMMON_CAPTION_EXTENSIONS, DatasetError, read_caption
-from library.images import IMAGE_EXTENSIONS
+from library.data.folders import COMMON_CAPTION_EXTENSIONS, DatasetError, read_caption
+from library.data.images import IMAGE_EXTENSIONS
 
 BACKUP_FOLDER = ".caption_backups"
 SEPARATOR = ","

@@ -16,12 +16,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from library.embeddings import Embedding, add_tokens, expand_name, load_embedding
-from library.grid import make_grid
-from library.lora import TE_PREFIX, UNET_PREFIX, merge_lora, read_lora_file
-from library.models import ModelParts, load_model
-from library.prompt_file import canonical_sampler
-from library.sampling import SampleSpec, generate, save_sample
+from library.networks.embeddings import Embedding, add_tokens, expand_name, load_embedding
+from library.sampling.grid import make_grid
+from library.networks.lora import TE_PREFIX, UNET_PREFIX, merge_lora, read_lora_file
+from library.models.loading import ModelParts, load_model
+from library.sampling.prompt_file import canonical_sampler
+from library.sampling.preview import SampleSpec, generate, save_sample
 
 FILE_KINDS = ("model", "lora", "embedding")
 AXIS_KINDS = {"model": "full checkpoints", "lora": "LoRA files", "embedding": "embedding files",

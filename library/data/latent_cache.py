@@ -31,9 +31,9 @@ from PIL import UnidentifiedImageError
 from safetensors import safe_open
 from tqdm import tqdm
 
-from library.checkpoints import atomic_save_safetensors
+from library.training.checkpoints import atomic_save_safetensors
 # _open_decoded: load_image's decoding (EXIF orientation) for bytes already in memory, the bytes that were hashed
-from library.images import _open_decoded, resize_and_crop, to_rgb, to_tensor
+from library.data.images import _open_decoded, resize_and_crop, to_rgb, to_tensor
 
 CACHE_FORMAT = "kiln-latents-1"  # bump when the pixels → latent recipe changes (resize filter, crop, dtype)
 CACHE_FOLDER_NAME = ".kiln-cache"  # hidden: dataset scans skip dot-folders, so it is never taken for images

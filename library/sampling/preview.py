@@ -18,10 +18,10 @@ from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, EulerAncestra
 from PIL import Image, PngImagePlugin
 
 from library.atomic import write_atomically
-from library.conditioning import encode_text, tokenize
-from library.models import ModelParts
-from library.prompt_file import SAMPLERS, PromptOptions, canonical_sampler, parse_prompt_lines, read_prompt_file
-from library.trainer import CombinedHooks, LoopParts, Trainer, TrainerHooks
+from library.models.conditioning import encode_text, tokenize
+from library.models.loading import ModelParts
+from library.sampling.prompt_file import SAMPLERS, PromptOptions, canonical_sampler, parse_prompt_lines, read_prompt_file
+from library.training.trainer import CombinedHooks, LoopParts, Trainer, TrainerHooks
 
 
 @dataclass(frozen=True)

@@ -15,11 +15,11 @@ import torch
 from tqdm import tqdm
 
 from library.atomic import write_atomically
-from library.dreambooth_config import DreamBoothRunConfig
-from library.images import IMAGE_EXTENSIONS
-from library.models import ModelParts
-from library.trainer import resolve_device
-from library.training_data import hash_ints
+from library.recipes.dreambooth_config import DreamBoothRunConfig
+from library.data.images import IMAGE_EXTENSIONS
+from library.models.loading import ModelParts
+from library.training.trainer import resolve_device
+from library.data.sources import hash_ints
 
 GENERATED_PREFIX = "kiln-class-"
 _SEED_SALT = 0x636C617373  # "class": keeps these seeds apart from the training-noise seeds

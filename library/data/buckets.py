@@ -16,8 +16,8 @@ from pathlib import Path
 
 from PIL import Image
 
-from library.config import DatasetSection
-from library.dataset import ImageItem
+from library.config.schema import DatasetSection
+from library.data.folders import ImageItem
 
 Size = tuple[int, int]  # (width, height) in pixels
 

@@ -11,17 +11,17 @@ from pathlib import Path
 
 import torch
 
-from library.buckets import assign_buckets, bucket_settings, ignored_bucket_keys
-from library.checkpoints import existing_outputs
-from library.config import ConfigError, RunConfig, config_to_toml, load_config
-from library.dataset import (CaptionOptions, DatasetError, DatasetScan, Subset, balance_reg_items,
+from library.data.buckets import assign_buckets, bucket_settings, ignored_bucket_keys
+from library.training.checkpoints import existing_outputs
+from library.config.schema import ConfigError, RunConfig, config_to_toml, load_config
+from library.data.folders import (CaptionOptions, DatasetError, DatasetScan, Subset, balance_reg_items,
                              reg_balance_message, scan_subsets, subsets_from_folder)
-from library.latent_cache import cache_dir_for
-from library.optimizers import OptimizerError, check_optimizer
-from library.plan import TrainingPlan, make_plan
-from library.schedules import resolve_warmup_steps
-from library.trainer import runtime_problems
-from library.training_data import TrainingData, text_encoder_cache_problem
+from library.data.latent_cache import cache_dir_for
+from library.training.optimizers import OptimizerError, check_optimizer
+from library.training.plan import TrainingPlan, make_plan
+from library.training.schedules import resolve_warmup_steps
+from library.training.trainer import runtime_problems
+from library.data.sources import TrainingData, text_encoder_cache_problem
 
 
 @dataclass

@@ -2,7 +2,7 @@
 
 Both write `<stem><ext>` beside each image through `label_images`, which owns the write modes:
 "skip" leaves non-empty captions alone, "overwrite" replaces them, "append" adds only new tags. A caption
-that changes is backed up first (library.tag_edit.Backup); nothing is ever deleted.
+that changes is backed up first (library.prep.tag_edit.Backup); nothing is ever deleted.
 
 WD14 conventions (SmilingWolf's wd-v1-4 / wd-v3 taggers, as kohya's tag_images_by_wd14_tagger.py uses them):
 the model folder holds `model.onnx` and `selected_tags.csv` (tag_id,name,category,count; category 9 = rating,
@@ -23,9 +23,9 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from library.images import load_image, to_rgb
+from library.data.images import load_image, to_rgb
 from library.atomic import write_text_atomically
-from library.tag_edit import (
+from library.prep.tag_edit import (
     Backup,
     TagEditError,
     TagEdits,

@@ -14,9 +14,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from library import lora
-from library.lora_training import base_model_version
-from library.models import ModelParts
+from library.networks import lora
+from library.networks.trainable import base_model_version
+from library.models.loading import ModelParts
 
 # Below this largest absolute weight change a text encoder counts as unchanged (DreamBooth runs that froze
 # it), as sd-scripts decides; an unchanged part is left out of the file instead of written as zeros.

@@ -12,17 +12,17 @@ import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
 
-from library.attention import select_attention
-from library.checkpoints import (Progress, epoch_file, final_file, load_state, prune_saved, save_state,
+from library.models.attention import select_attention
+from library.training.checkpoints import (Progress, epoch_file, final_file, load_state, prune_saved, save_state,
                                  state_dir_for, step_file)
-from library.config import RunConfig, TrainSection
-from library.diffusion_loss import make_noise, min_snr_weights, per_sample_loss, sample_timesteps, target_for
-from library.logs import RunLog
-from library.models import ModelParts
-from library.optimizers import build_optimizer, uses_relative_step
-from library.plan import TrainingPlan
-from library.schedules import build_scheduler, current_lrs, resolve_warmup_steps
-from library.training_data import Batch, ConditioningSource, LatentSource, TrainingData, hash_ints
+from library.config.schema import RunConfig, TrainSection
+from library.training.loss import make_noise, min_snr_weights, per_sample_loss, sample_timesteps, target_for
+from library.training.logs import RunLog
+from library.models.loading import ModelParts
+from library.training.optimizers import build_optimizer, uses_relative_step
+from library.training.plan import TrainingPlan
+from library.training.schedules import build_scheduler, current_lrs, resolve_warmup_steps
+from library.data.sources import Batch, ConditioningSource, LatentSource, TrainingData, hash_ints
 
 WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 

@@ -27,8 +27,8 @@ from safetensors.torch import load_file, save_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from library.atomic import write_atomically
-from library import checkpoint_layout as layout
-from library.clip_tokenizer import build_clip_tokenizer
+from library.models import ldm_layout as layout
+from library.models.clip_tokenizer import build_clip_tokenizer
 
 CONFIG_ROOT = Path(__file__).resolve().parent / "model_configs"
 BUILTIN_PREFIX = "builtin:"

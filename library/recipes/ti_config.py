@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from library.config import RunConfig, Section, fill_defaults
+from library.config.schema import RunConfig, Section, fill_defaults
 
 
 class EmbeddingSection(Section):
@@ -60,7 +60,7 @@ class TIRunConfig(RunConfig):
     def _a1111_defaults(cls, data: Any) -> Any:
         if not isinstance(data, dict):
             return data
-        from library.embeddings import name_problem
+        from library.networks.embeddings import name_problem
 
         embedding = data.get("embedding") if isinstance(data.get("embedding"), dict) else {}
         optimizer = data.get("optimizer") if isinstance(data.get("optimizer"), dict) else {}
@@ -84,7 +84,7 @@ class TIRunConfig(RunConfig):
                 problems.append("embedding.learn_rate sets the whole learning-rate schedule: remove "
                                 "optimizer.scheduler/warmup, or set embedding.learn_rate = \"\" to use them")
             try:
-                from library.schedules import A1111Schedule
+                from library.training.schedules import A1111Schedule
 
                 A1111Schedule(self.embedding.learn_rate, self.train.max_steps or 10**9)
             except ValueError as err:
@@ -95,13 +95,13 @@ class TIRunConfig(RunConfig):
 
 
 def _embedding_problems(embedding: EmbeddingSection) -> list[str]:
-    from library.embeddings import name_problem, vocabulary_problem
-    from library.ti_training import template_problem
+    from library.networks.embeddings import name_problem, vocabulary_problem
+    from library.recipes.ti_training import template_problem
 
     problem = name_problem(embedding.name)
     if problem is None:
         try:
-            from library.clip_tokenizer import TokenizerUnavailable, build_clip_tokenizer
+            from library.models.clip_tokenizer import TokenizerUnavailable, build_clip_tokenizer
 
             problem = vocabulary_problem(build_clip_tokenizer(), embedding.name, embedding.vectors)
         except TokenizerUnavailable:

@@ -10,13 +10,13 @@ from pathlib import Path
 
 import torch
 
-from library import lora
-from library.checkpoints import Progress, atomic_save_safetensors
-from library.config import LoraRunConfig
-from library.dataset import DatasetScan
-from library.models import ModelParts
-from library.plan import TrainingPlan
-from library.schedules import resolve_warmup_steps
+from library.networks import lora
+from library.training.checkpoints import Progress, atomic_save_safetensors
+from library.config.schema import LoraRunConfig
+from library.data.folders import DatasetScan
+from library.models.loading import ModelParts
+from library.training.plan import TrainingPlan
+from library.training.schedules import resolve_warmup_steps
 
 SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 

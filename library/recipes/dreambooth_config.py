@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from library.config import RunConfig, Section, SubsetSection, fill_defaults
+from library.config.schema import RunConfig, Section, SubsetSection, fill_defaults
 
 
 class DreamBoothSection(Section):
@@ -68,7 +68,7 @@ def _dreambooth_problems(config: DreamBoothRunConfig) -> list[str]:
             problems.append(f"dreambooth.num_class_images = {db.num_class_images} needs dreambooth.class_dir: "
                             "the folder (named like 1_dog) that holds and receives the class images")
     if db.class_dir:
-        from library.dataset import parse_folder_name
+        from library.data.folders import parse_folder_name
 
         folder = Path(db.class_dir).expanduser()
         if parse_folder_name(folder.name) is None:
@@ -83,7 +83,7 @@ def _dreambooth_problems(config: DreamBoothRunConfig) -> list[str]:
 def _add_class_dir_subset(config: DreamBoothRunConfig) -> None:
     """Make an existing class_dir part of the run as a reg folder, unless reg_dir or a reg subset already holds
     it. A folder still to be generated joins when the trainer re-reads the config after generating."""
-    from library.dataset import parse_folder_name
+    from library.data.folders import parse_folder_name
 
     db, ds = config.dreambooth, config.dataset
     if not db.class_dir:

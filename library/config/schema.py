@@ -200,7 +200,7 @@ class SampleSection(Section):
 
     @model_validator(mode="after")
     def _usable(self) -> "SampleSection":
-        from library.prompt_file import PromptError, canonical_sampler, parse_prompt_lines, read_prompt_file
+        from library.sampling.prompt_file import PromptError, canonical_sampler, parse_prompt_lines, read_prompt_file
 
         problems = []
         try:
@@ -409,9 +409,9 @@ def _check_path(table: dict, key: str, label: str, base: Path, kind: str) -> str
 def check_paths_and_names(data: dict, base: Path) -> list[str]:
     """Checks that need the file system or other modules' registries (still no model loading).
     Works on the raw TOML data so they run even when the schema has errors; resolves paths in place."""
-    from library.models import model_path_problem
-    from library.optimizers import optimizer_name_problem
-    from library.schedules import scheduler_name_problem
+    from library.models.loading import model_path_problem
+    from library.training.optimizers import optimizer_name_problem
+    from library.training.schedules import scheduler_name_problem
 
     def table(name: str) -> dict:
         value = data.get(name)

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import torch
 
-from library.conditioning import encode_text, tokenize
-from library.dataset import CaptionOptions, ImageItem, expand_samples, process_caption
-from library.images import load_image, resize_and_crop, to_tensor
-from library.latent_cache import DiskLatentCache, LatentEntry, encode_distribution, encode_entries, sample_latent
+from library.models.conditioning import encode_text, tokenize
+from library.data.folders import CaptionOptions, ImageItem, expand_samples, process_caption
+from library.data.images import load_image, resize_and_crop, to_tensor
+from library.data.latent_cache import DiskLatentCache, LatentEntry, encode_distribution, encode_entries, sample_latent
 
 
 def derived_rng(*parts: int) -> random.Random:
