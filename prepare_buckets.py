@@ -21,11 +21,14 @@ quiet_libraries()  # before the imports below pull in diffusers and transformers
 import torch  # noqa: E402
 from pydantic import ConfigDict  # noqa: E402
 
-from library.data.buckets import assign_buckets, bucket_settings, square_assignment  # noqa: E402
-from library.config.schema import ConfigError, DatasetSection, ModelSection, Section, load_config  # noqa: E402
+from library.config.loading import ConfigError, load_config  # noqa: E402
+from library.config.schema import DatasetSection, ModelSection, Section  # noqa: E402
+from library.data.buckets import assign_buckets, square_assignment  # noqa: E402
 from library.data.folders import DatasetError, balance_reg_items  # noqa: E402
-from library.data.latent_cache import DiskLatentCache, LatentEntry, cache_dir_for  # noqa: E402
-from library.recipes.run import fail, scan_dataset  # noqa: E402
+from library.data.latent_cache import DiskLatentCache, LatentEntry  # noqa: E402
+from library.recipes.checks import environment_problems  # noqa: E402
+from library.recipes.resolve import bucket_settings, latent_cache_dir, scan_dataset  # noqa: E402
+from library.recipes.run import fail  # noqa: E402
 
 
 class PrepareConfig(Section):
@@ -50,12 +53,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        config = load_config(args.config, args.overrides, PrepareConfig)
+        config = load_config(args.config, args.overrides, PrepareConfig, environment=environment_problems)
     except ConfigError as err:
         fail(str(err))
     ds = config.dataset
     try:
-        scan = scan_dataset(config)
+        scan = scan_dataset(ds)
     except DatasetError as err:
         fail(str(err))
     items = scan.train_items + balance_reg_items(scan.num_train_samples(), scan.reg_items)
@@ -72,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     flips = (False, True) if ds.flip_aug else (False,)
     entries = [LatentEntry(item.path, w, h, flip) for item, (w, h) in zip(items, buckets.sizes) for flip in flips]
-    folder = cache_dir_for(ds)
+    folder = latent_cache_dir(ds)
     vae = load_vae(config, args.device)
     cache = DiskLatentCache(folder, vae)
     print(f"caching {len(entries)} latents ({len(items)} images{' and their mirror images' if ds.flip_aug else ''}) "

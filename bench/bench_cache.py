@@ -29,7 +29,7 @@ from diffusers import AutoencoderKL  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from library.data.latent_cache import DiskLatentCache, LatentEntry, vae_identity  # noqa: E402
-from library.models.loading import build_builtin  # noqa: E402
+from library.models.builtin import build_builtin  # noqa: E402
 
 
 def make_images(folder: Path, count: int, size: tuple[int, int]) -> list[Path]:

@@ -219,33 +219,12 @@ log_dir = "{(folder / 'logs').as_posix()}"
 
 
 def build_sd15_random():
-    """ModelParts with the full SD1.5 architecture from library/model_configs/sd1 and seeded random weights.
+    """ModelParts with the full SD1.5 architecture from library/models/model_configs/sd1 and seeded random
+    weights, built as the tiny built-ins are; nothing is downloaded."""
+    from library.models.builtin import build_random
+    from library.models.paths import CONFIG_ROOT
 
-    Mirrors library.models.loading.build_builtin, which only accepts the tiny built-ins; nothing is downloaded.
-    """
-    import torch
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    from library.models.clip_tokenizer import build_clip_tokenizer
-    from library.models.loading import CONFIG_ROOT, ModelParts, training_scheduler
-
-    folder = CONFIG_ROOT / "sd1"
-
-    def read(name: str) -> dict:
-        return json.loads((folder / name).read_text(encoding="utf-8"))
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(SD15_SEED)
-        text_encoder = CLIPTextModel(CLIPTextConfig.from_dict(read("text_encoder/config.json")))
-        torch.manual_seed(SD15_SEED + 1)
-        vae = AutoencoderKL.from_config(read("vae/config.json"))
-        torch.manual_seed(SD15_SEED + 2)
-        unet = UNet2DConditionModel.from_config(read("unet/config.json"))
-    scheduler_config = read("scheduler/scheduler_config.json")
-    v_prediction = scheduler_config["prediction_type"] == "v_prediction"
-    return ModelParts(build_clip_tokenizer("sd1"), text_encoder.eval(), vae.eval(), unet.eval(),
-                      training_scheduler(scheduler_config, v_prediction), "sd1", v_prediction, "random:sd1")
+    return build_random(CONFIG_ROOT / "sd1", SD15_SEED, "random:sd1")
 
 
 def run_model(model: str, args: argparse.Namespace) -> ModelResult:
@@ -257,24 +236,25 @@ def run_model(model: str, args: argparse.Namespace) -> ModelResult:
     from library.quiet import quiet_libraries
 
     quiet_libraries()
-    from library.config.schema import LoraRunConfig
-    from library.networks.trainable import LoraTrainable, lora_metadata
     from library.models.loading import load_model
-    from library.recipes.run import prepare_run
+    from library.recipes.lora import RECIPE
+    from library.recipes.run import parse_args as parse_run_args
+    from library.recipes.run import prepare
     from library.training.trainer import Trainer
 
     with tempfile.TemporaryDirectory(prefix="kiln-bench-") as tmp:
-        run = prepare_run([str(write_config(Path(tmp), args))], LoraRunConfig, "training benchmark")
-        assert run is not None  # no --check / --print-config was passed
+        prepared = prepare(RECIPE, parse_run_args([str(write_config(Path(tmp), args))], "training benchmark"))
+        assert prepared is not None  # no --check / --print-config was passed
+        run = prepared[0]
         start = time.perf_counter()
         print(f"building {MODELS[model]} ...", flush=True)
         parts = load_model("builtin:tiny-sd15") if model == "tiny" else build_sd15_random()
         build_s = time.perf_counter() - start
-        trainable = LoraTrainable(parts, run.config, lora_metadata(run.config, parts, run.scan, run.plan))
-        print(trainable.describe())
+        built = RECIPE.build(parts, run)
+        print("\n".join(built.lines))
         unet_params = [p for p in parts.unet.parameters() if p.requires_grad]
         with StepProbe(parts.unet, unet_params, parts.vae.encoder) as probe:
-            Trainer(run.config, parts, trainable, run.data, run.plan).train()
+            Trainer(run, parts, built.trainable).train()
         return summarize(model, args, probe, torch.get_num_threads(), build_s, torch.__version__)
 
 

@@ -10,9 +10,12 @@ from PIL import Image
 import train_lora
 from library.data.buckets import (BucketSettings, assign_buckets, auto_bucket_range, bucket_resolutions, closest_bucket,
                              no_upscale_bucket, upright_size)
-from library.config.schema import ConfigError, LoraRunConfig, load_config
+from library.config.loading import ConfigError
 from library.data.folders import CaptionOptions, ImageItem
-from library.data.sources import LatentSource, TrainingData
+from library.data.sources import LatentSource
+from library.data.batches import TrainingData
+from library.recipes.lora import RECIPE as LORA
+from library.recipes.run import read_config
 
 SETTINGS = [(512, 64), (512, 32), (768, 64), (1024, 64), (96, 32), (640, 64)]
 
@@ -182,7 +185,7 @@ def test_bucket_table_counts_repeats_and_error(tmp_path):
 def config_problems(tmp_path, *overrides):
     path = bucket_config(tmp_path)
     with pytest.raises(ConfigError) as info:
-        load_config(path, list(overrides), LoraRunConfig)
+        read_config(path, list(overrides), LORA)
     return "\n".join(info.value.problems)
 
 

@@ -9,9 +9,11 @@ from safetensors.torch import save_file
 
 import compare
 from library.networks import lora
+from library.networks.base import NetworkSpec
+from library.networks.targets import unet_targets
 from library.sampling.compare import CompareError, parse_axis
 from library.sampling.grid import make_grid
-from library.models.loading import build_builtin
+from library.models.builtin import build_builtin
 
 
 def test_grid_has_every_cell_where_expected_and_drawn_labels():
@@ -55,8 +57,8 @@ def test_axis_parsing(tmp_path):
 
 def _lora_file(path, seed: int) -> None:
     parts = build_builtin("tiny-sd15")
-    targets = lora.unet_targets(parts.unet, with_conv=False)
-    lora.add_lora(parts.unet, targets, lora.LoraSpec(rank=2, alpha=2))
+    targets = unet_targets(parts, with_conv=False)
+    lora.add_lora(parts.unet, targets, NetworkSpec(rank=2, alpha=2))
     weights = lora.kohya_state_dict(parts.unet, targets, torch.float32)
     generator = torch.Generator().manual_seed(seed)
     weights = {k: torch.randn(v.shape, generator=generator) * 0.5 if "lora_up" in k else v for k, v in weights.items()}

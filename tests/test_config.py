@@ -6,9 +6,12 @@ from pathlib import Path
 
 import pytest
 
-from library.config.schema import ConfigError, LoraRunConfig, config_to_toml, load_config, parse_override
-from library.recipes.dreambooth_config import DreamBoothRunConfig
-from library.recipes.ti_config import TIRunConfig
+from library.config.loading import ConfigError, config_to_toml, parse_override
+from library.recipes.lora import LoraRunConfig
+from library.recipes.dreambooth import RECIPE as DREAMBOOTH
+from library.recipes.lora import RECIPE as LORA
+from library.recipes.textual_inversion import RECIPE as TEXTUAL_INVERSION
+from library.recipes.run import read_config
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIGS = sorted((REPO / "configs").glob("*.toml"))
@@ -26,10 +29,10 @@ def config_class_for(path: Path):
     # presets name their trainer in the file name: *_ti.toml / ti_*.toml are textual-inversion presets,
     # *dreambooth*.toml DreamBooth ones
     if "ti" in path.stem.lower().split("_"):
-        return TIRunConfig
+        return TEXTUAL_INVERSION
     if "dreambooth" in path.stem.lower():
-        return DreamBoothRunConfig
-    return LoraRunConfig
+        return DREAMBOOTH
+    return LORA
 
 
 # Presets for real models point at files users have and we don't ship; only those keys are swapped for the test.
@@ -40,11 +43,11 @@ PLACEHOLDER_KEYS = {"model.path": "builtin:tiny-sd15", "dataset.train_dir": "exa
 def test_every_shipped_config_validates(path, monkeypatch):
     monkeypatch.chdir(REPO)
     overrides = [] if path.name.startswith("quickstart") else [f"{k}={v}" for k, v in PLACEHOLDER_KEYS.items()]
-    config = load_config(path, overrides, config_class_for(path))
+    config = read_config(path, overrides, config_class_for(path))
     assert config.model.path
     if overrides:  # and without the swap, the only problems are exactly those placeholders
         with pytest.raises(ConfigError) as info:
-            load_config(path, [], config_class_for(path))
+            read_config(path, [], config_class_for(path))
         assert all(p.split(":")[0] in PLACEHOLDER_KEYS for p in info.value.problems), info.value.problems
 
 
@@ -57,12 +60,12 @@ def write(tmp_path: Path, text: str) -> Path:
 
 def problems_of(path, overrides=()) -> list[str]:
     with pytest.raises(ConfigError) as info:
-        load_config(path, list(overrides), LoraRunConfig)
+        read_config(path, list(overrides), LORA)
     return info.value.problems
 
 
 def test_minimal_config_loads_with_defaults(tmp_path):
-    config = load_config(write(tmp_path, MINIMAL), [], LoraRunConfig)
+    config = read_config(write(tmp_path, MINIMAL), [], LORA)
     assert config.train.max_steps == 10
     assert config.network.rank == 16 and config.optimizer.name == "AdamW"
 
@@ -114,8 +117,8 @@ def test_missing_required_and_bad_model_path(tmp_path):
 
 def test_overrides_apply_and_are_typed(tmp_path):
     path = write(tmp_path, MINIMAL)
-    config = load_config(path, ["train.max_steps=25", "network.rank=4", "save.name=my run", "optimizer.lr=3e-4"],
-                         LoraRunConfig)
+    config = read_config(path, ["train.max_steps=25", "network.rank=4", "save.name=my run", "optimizer.lr=3e-4"],
+                         LORA)
     assert config.train.max_steps == 25 and config.network.rank == 4
     assert config.save.name == "my run" and config.optimizer.lr == pytest.approx(3e-4)
     problems = problems_of(path, ["train.max_stesp=5"])
@@ -132,7 +135,7 @@ def test_random_crop_with_cached_latents_is_refused(tmp_path):
 
 
 def test_print_config_round_trips(tmp_path):
-    config = load_config(write(tmp_path, MINIMAL), ["network.rank=3"], LoraRunConfig)
+    config = read_config(write(tmp_path, MINIMAL), ["network.rank=3"], LORA)
     again = LoraRunConfig.model_validate(tomllib.loads(config_to_toml(config)))
     assert again == config
 
@@ -151,5 +154,5 @@ def test_sample_prompt_file_is_checked_and_found_beside_the_config(tmp_path, mon
     assert any("sample.prompt_file: file not found: prompts.txt" in p for p in problems)
     (tmp_path / "prompts.txt").write_text("a kiln pot --w 64 --h 64 --s 2\n", encoding="utf-8")
     monkeypatch.chdir(tmp_path.parent)  # run from elsewhere: the path resolves against the config's folder
-    config = load_config(path, [], LoraRunConfig)
+    config = read_config(path, [], LORA)
     assert Path(config.sample.prompt_file) == tmp_path / "prompts.txt"

@@ -13,10 +13,13 @@ from safetensors.torch import load_file
 import train_dreambooth
 from tests.helpers import training_set_loss
 from library.models import ldm_layout as layout
-from library.config.schema import ConfigError, load_config
-from library.recipes.dreambooth_config import DreamBoothRunConfig
-from library.recipes.dreambooth import save_model
-from library.models.loading import build_builtin, load_model, save_diffusers
+from library.config.loading import ConfigError
+from library.models.saving import save_model
+from library.models.builtin import build_builtin
+from library.models.loading import load_model
+from library.models.diffusers_folder import save_diffusers
+from library.recipes.dreambooth import RECIPE as DREAMBOOTH
+from library.recipes.run import read_config
 
 REPO = Path(__file__).resolve().parent.parent
 SAMPLES = REPO / "examples" / "sample_dataset"
@@ -203,7 +206,7 @@ def test_config_rules(tmp_path):
 
     def problems(*overrides: str) -> str:
         with pytest.raises(ConfigError) as info:
-            load_config(path, list(overrides), DreamBoothRunConfig)
+            read_config(path, list(overrides), DREAMBOOTH)
         return "\n".join(info.value.problems)
 
     assert "needs dreambooth.class_prompt" in problems("dreambooth.num_class_images=5",
@@ -211,12 +214,12 @@ def test_config_rules(tmp_path):
     assert "needs dreambooth.class_dir" in problems("dreambooth.num_class_images=5", "dreambooth.class_prompt=dog")
     assert "name the folder NN_name" in problems(f"dreambooth.class_dir={tmp_path.as_posix()}/dogs")
     assert "train_text_encoder = false" in problems("dreambooth.stop_text_encoder_training=10")
-    config = load_config(path, [], DreamBoothRunConfig)
+    config = read_config(path, [], DREAMBOOTH)
     assert (config.save.name, config.optimizer.lr) == ("t", 1e-3)  # explicit values win over the defaults
     minimal = tmp_path / "minimal.toml"
     minimal.write_text(f'[model]\npath = "builtin:tiny-sd15"\n[dataset]\ntrain_dir = "{tmp_path.as_posix()}/data/train"'
                        '\n[train]\nmax_steps = 10\n', encoding="utf-8")
-    bare = load_config(minimal, [], DreamBoothRunConfig)
+    bare = read_config(minimal, [], DREAMBOOTH)
     assert (bare.save.name, bare.optimizer.lr) == ("dreambooth", 2e-6)  # a whole model wants a gentle rate
     assert bare.dreambooth.save_format == "single_file" and not bare.dreambooth.train_text_encoder
 

@@ -6,10 +6,9 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from library.models.conditioning import encode_text, tokenize
-from library.networks.embeddings import (Embedding, EmbeddingError, a1111_checksum, add_tokens, expand_name, init_vectors,
-                                load_embedding, load_optimizer_state, name_problem, read_png_embedding,
-                                save_embedding, save_optimizer_state, save_png, vocabulary_problem)
-from library.models.loading import build_builtin
+from library.networks.embeddings import (Embedding, EmbeddingError, a1111_checksum, add_tokens, init_vectors, load_embedding, load_optimizer_state, read_png_embedding, save_embedding, save_optimizer_state, save_png)
+from library.networks.embedding_names import expand_name, name_problem, vocabulary_problem
+from library.models.builtin import build_builtin
 
 
 @pytest.fixture(scope="module")

@@ -12,11 +12,14 @@ from PIL import Image
 import prepare_buckets
 import train_lora
 from library.models.conditioning import encode_text, tokenize
-from library.config.schema import ConfigError, LoraRunConfig, load_config
+from library.config.loading import ConfigError
 from library.data.folders import CaptionOptions, ImageItem
 from library.data.latent_cache import DiskLatentCache, LatentEntry, vae_identity
-from library.models.loading import build_builtin
-from library.data.sources import Batch, ConditioningSource, LatentSource, TrainingData
+from library.models.builtin import build_builtin
+from library.data.batches import Batch, TrainingData
+from library.data.sources import ConditioningSource, LatentSource
+from library.recipes.lora import RECIPE as LORA
+from library.recipes.run import read_config
 from tests.test_buckets import bucket_config
 
 
@@ -94,7 +97,7 @@ def test_damaged_cache_file_is_reported_and_rebuilt(tmp_path, vae_calls, capsys)
     assert prepare(path) == 0 and vae_calls["images"] == 7  # the rebuilt file is valid
 
 
-def small_data(tmp: Path, cache_dir: Path | None) -> TrainingData:
+def small_data(tmp: Path) -> TrainingData:
     folder = tmp / "imgs"
     folder.mkdir(exist_ok=True)
     items = []
@@ -103,25 +106,25 @@ def small_data(tmp: Path, cache_dir: Path | None) -> TrainingData:
         Image.fromarray((rng.random((size[1], size[0], 3)) * 255).astype(np.uint8)).save(folder / f"{i}.png")
         items.append(ImageItem(folder / f"{i}.png", "c", True, 1, False, 0))
     sizes = [(64, 64), (64, 96), (64, 64)]
-    return TrainingData(items, CaptionOptions(), 64, 2, seed=11, flip_aug=True, sizes=sizes, cache_dir=cache_dir)
+    return TrainingData(items, CaptionOptions(), 64, 2, seed=11, flip_aug=True, sizes=sizes)
 
 
 def test_memory_and_disk_caches_give_the_same_latents(tmp_path):
     vae = build_builtin("tiny-sd15").vae
-    memory = LatentSource(small_data(tmp_path, None), vae, True, seed=4)
-    disk = LatentSource(small_data(tmp_path, tmp_path / "cache"), vae, False, seed=4)
+    memory = LatentSource(small_data(tmp_path), vae, "memory", seed=4)
+    disk = LatentSource(small_data(tmp_path), vae, "disk", seed=4, cache_dir=tmp_path / "cache")
     memory.fill()
     disk.fill()
     for batch in (Batch([], [0, 2, 0], ["c"] * 3, [False, True, True]), Batch([], [1], ["c"], [True])):
         assert torch.equal(memory.latents(batch, 0, 1), disk.latents(batch, 0, 1))
-    other_seed = LatentSource(small_data(tmp_path, tmp_path / "cache"), vae, False, seed=5)
+    other_seed = LatentSource(small_data(tmp_path), vae, "disk", seed=5, cache_dir=tmp_path / "cache")
     other_seed.fill()
     assert not torch.equal(other_seed.latents(batch, 0, 1), disk.latents(batch, 0, 1))
 
 
 def test_file_damaged_during_training_is_encoded_again_not_used(tmp_path, vae_calls, capsys):
     vae = build_builtin("tiny-sd15").vae
-    source = LatentSource(small_data(tmp_path, tmp_path / "cache"), vae, False, seed=4)
+    source = LatentSource(small_data(tmp_path), vae, "disk", seed=4, cache_dir=tmp_path / "cache")
     source.fill()
     batch = Batch([], [1], ["c"], [True])
     before = source.latents(batch, 0, 1)
@@ -192,7 +195,7 @@ def test_prepare_reads_any_trainers_config_but_checks_its_own_sections(tmp_path,
 def test_text_encoder_cache_is_refused_when_captions_or_encoder_change(tmp_path, capsys):
     path = bucket_config(tmp_path, extra="cache_text_encoder_outputs = true")
     with pytest.raises(ConfigError) as info:
-        load_config(path, ["dataset.shuffle_caption=true"], LoraRunConfig)
+        read_config(path, ["dataset.shuffle_caption=true"], LORA)
     assert "dataset.cache_text_encoder_outputs" in str(info.value) and "dataset.shuffle_caption" in str(info.value)
     with pytest.raises(SystemExit):
         train_lora.main([str(path), "--check"])  # LoRA trains the text encoder by default
@@ -200,7 +203,7 @@ def test_text_encoder_cache_is_refused_when_captions_or_encoder_change(tmp_path,
     assert "dataset.cache_text_encoder_outputs" in err and "network.train_text_encoder" in err
     assert train_lora.main([str(path), "--check", "network.train_text_encoder=false"]) == 0
     with pytest.raises(ValueError, match="trains the text encoder"):
-        ConditioningSource(None, None, cache=True, trains_text_encoder=True)
+        ConditioningSource(None, cache=True, trains_text_encoder=True)
 
 
 def test_text_encoder_outputs_are_computed_once_per_caption():
@@ -214,9 +217,9 @@ def test_text_encoder_outputs_are_computed_once_per_caption():
         return forward(input_ids, *args, **kwargs)
 
     encoder.forward = counting
-    source = ConditioningSource(parts.tokenizer, encoder, clip_skip=2, cache=True)
-    first = source.encode(["a pot", "a jug", "a pot"])
-    second = source.encode(["a jug", "a pot"])
+    source = ConditioningSource(parts, clip_skip=2, cache=True)
+    first = source.encode(["a pot", "a jug", "a pot"]).hidden_states
+    second = source.encode(["a jug", "a pot"]).hidden_states
     assert calls["rows"] == 2  # two distinct captions, encoded once
     with torch.no_grad():
         expected = encode_text(encoder, tokenize(parts.tokenizer, ["a jug", "a pot"]), clip_skip=2)

@@ -5,8 +5,11 @@ import pytest
 import torch
 
 from library.networks import lora
+from library.networks.base import NetworkSpec
+from library.networks.merge import merge_network
+from library.networks.targets import text_encoder_targets, unet_targets
 from library.training.checkpoints import atomic_save_safetensors
-from library.models.loading import build_builtin
+from library.models.builtin import build_builtin
 
 
 @pytest.fixture(scope="module")
@@ -33,9 +36,9 @@ def unet_inputs(parts, seed=0):
 
 def test_kohya_names_and_shapes(base):
     parts = copy.deepcopy(base)
-    spec = lora.LoraSpec(rank=4, alpha=2, conv_rank=2, conv_alpha=1)
-    unet_t = lora.unet_targets(parts.unet, with_conv=True)
-    te_t = lora.text_encoder_targets(parts.text_encoder)
+    spec = NetworkSpec(rank=4, alpha=2, conv_rank=2, conv_alpha=1)
+    unet_t = unet_targets(parts, with_conv=True)
+    te_t = text_encoder_targets(parts)
     lora.add_lora(parts.unet, unet_t, spec)
     lora.add_lora(parts.text_encoder, te_t, spec)
     weights = {**lora.kohya_state_dict(parts.unet, unet_t, torch.float16),
@@ -55,14 +58,14 @@ def test_kohya_names_and_shapes(base):
     assert weights[f"{conv}.lora_down.weight"].shape[2:] == (3, 3)
     assert float(weights[f"{conv}.alpha"]) == 1.0
     assert all(v.dtype == torch.float16 for v in weights.values())
-    no_conv = lora.unet_targets(base.unet, with_conv=False)
+    no_conv = unet_targets(base, with_conv=False)
     assert not any("resnets" in t.kohya_name for t in no_conv)
 
 
 def test_merge_equals_injected_network(base):
     injected = copy.deepcopy(base)
-    spec = lora.LoraSpec(rank=4, alpha=2, conv_rank=2, conv_alpha=1)
-    targets = lora.unet_targets(injected.unet, with_conv=True)
+    spec = NetworkSpec(rank=4, alpha=2, conv_rank=2, conv_alpha=1)
+    targets = unet_targets(injected, with_conv=True)
     lora.add_lora(injected.unet, targets, spec)
     randomise_up(injected.unet)
     weights = lora.kohya_state_dict(injected.unet, targets, torch.float32)
@@ -70,7 +73,7 @@ def test_merge_equals_injected_network(base):
     with torch.no_grad():
         expected = injected.unet(*inputs).sample
         merged = copy.deepcopy(base)
-        assert lora.merge_lora({lora.UNET_PREFIX: merged.unet}, weights, 1.0) == []
+        assert merge_network(merged, weights, 1.0) == []
         got = merged.unet(*inputs).sample
         plain = base.unet(*inputs).sample
     assert torch.allclose(got, expected, atol=1e-4)
@@ -79,17 +82,17 @@ def test_merge_equals_injected_network(base):
 
 def test_load_kohya_into_round_trips_and_checks_rank(base):
     source = copy.deepcopy(base)
-    targets = lora.unet_targets(source.unet, with_conv=False)
-    lora.add_lora(source.unet, targets, lora.LoraSpec(4, 4))
+    targets = unet_targets(source, with_conv=False)
+    lora.add_lora(source.unet, targets, NetworkSpec(4, 4))
     randomise_up(source.unet)
     weights = lora.kohya_state_dict(source.unet, targets, torch.float32)
     target = copy.deepcopy(base)
-    lora.add_lora(target.unet, targets, lora.LoraSpec(4, 4))
+    lora.add_lora(target.unet, targets, NetworkSpec(4, 4))
     assert lora.load_kohya_into(target.unet, targets, weights) == len(targets)
     assert torch.equal(lora.kohya_state_dict(target.unet, targets, torch.float32)[
         f"{targets[0].kohya_name}.lora_up.weight"], weights[f"{targets[0].kohya_name}.lora_up.weight"])
     wrong = copy.deepcopy(base)
-    lora.add_lora(wrong.unet, targets, lora.LoraSpec(8, 4))
+    lora.add_lora(wrong.unet, targets, NetworkSpec(8, 4))
     with pytest.raises(ValueError, match="rank 4.*rank 8"):
         lora.load_kohya_into(wrong.unet, targets, weights)
 
@@ -98,9 +101,9 @@ def test_load_kohya_into_round_trips_and_checks_rank(base):
 def test_diffusers_load_lora_weights_applies_our_file_exactly(base, tmp_path, conv_rank):
     """The file is what diffusers/A1111/ComfyUI read: diffusers must apply it with the same effect as our merge."""
     trained = copy.deepcopy(base)
-    spec = lora.LoraSpec(rank=4, alpha=2, conv_rank=conv_rank, conv_alpha=1)
-    unet_t = lora.unet_targets(trained.unet, with_conv=conv_rank > 0)
-    te_t = lora.text_encoder_targets(trained.text_encoder)
+    spec = NetworkSpec(rank=4, alpha=2, conv_rank=conv_rank, conv_alpha=1)
+    unet_t = unet_targets(trained, with_conv=conv_rank > 0)
+    te_t = text_encoder_targets(trained)
     lora.add_lora(trained.unet, unet_t, spec)
     lora.add_lora(trained.text_encoder, te_t, spec)
     randomise_up(trained.unet)
@@ -111,7 +114,7 @@ def test_diffusers_load_lora_weights_applies_our_file_exactly(base, tmp_path, co
     atomic_save_safetensors(weights, path, {"ss_network_dim": "4"})
 
     merged = copy.deepcopy(base)
-    assert lora.merge_lora({lora.UNET_PREFIX: merged.unet, lora.TE_PREFIX: merged.text_encoder}, weights) == []
+    assert merge_network(merged, weights) == []
     pipe = copy.deepcopy(base).pipeline()
     pipe.load_lora_weights(str(path))
     ids = torch.tensor([[49406, 320, 1125, 539, 320, 2368, 49407] + [49407] * 70])
@@ -131,16 +134,15 @@ def test_diffusers_load_lora_weights_applies_our_file_exactly(base, tmp_path, co
 
 def test_merge_multiplier_scales_delta(base):
     source = copy.deepcopy(base)
-    targets = lora.unet_targets(source.unet, with_conv=False)
-    lora.add_lora(source.unet, targets, lora.LoraSpec(4, 4))
+    targets = unet_targets(source, with_conv=False)
+    lora.add_lora(source.unet, targets, NetworkSpec(4, 4))
     randomise_up(source.unet)
     weights = lora.kohya_state_dict(source.unet, targets, torch.float32)
     half, full = copy.deepcopy(base), copy.deepcopy(base)
-    lora.merge_lora({lora.UNET_PREFIX: half.unet}, weights, 0.5)
-    lora.merge_lora({lora.UNET_PREFIX: full.unet}, weights, 1.0)
+    merge_network(half, weights, 0.5)
+    merge_network(full, weights, 1.0)
     name = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
     w0, wh, wf = (m.unet.get_submodule(name).weight for m in (base, half, full))
     assert torch.allclose(wh - w0, (wf - w0) * 0.5, atol=1e-6)
-    assert lora.merge_lora({lora.UNET_PREFIX: half.unet}, {"lora_unet_nowhere.lora_down.weight": torch.zeros(1, 1),
-                                                           "lora_unet_nowhere.lora_up.weight": torch.zeros(1, 1)}) \
-        == ["lora_unet_nowhere"]
+    assert merge_network(half, {"lora_unet_nowhere.lora_down.weight": torch.zeros(1, 1),
+                                "lora_unet_nowhere.lora_up.weight": torch.zeros(1, 1)}) == ["lora_unet_nowhere"]

@@ -12,9 +12,11 @@ from safetensors.torch import load_file
 
 import train_dreambooth
 from library.networks import lora
+from library.networks.targets import module_map, text_encoder_targets, unet_targets
 from library.training.checkpoints import atomic_save_safetensors
 from library.models.conditioning import encode_text, tokenize
-from library.models.loading import build_builtin, load_model
+from library.models.builtin import build_builtin
+from library.models.loading import load_model
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tools"))
@@ -30,8 +32,8 @@ def base():
 def random_lora(parts, rank: int, seed: int) -> dict[str, torch.Tensor]:
     """A kohya LoRA on every UNet target (3x3 convs included) and every text-encoder target."""
     generator = torch.Generator().manual_seed(seed)
-    targets = [(parts.unet, t) for t in lora.unet_targets(parts.unet, with_conv=True)]
-    targets += [(parts.text_encoder, t) for t in lora.text_encoder_targets(parts.text_encoder)]
+    targets = [(parts.unet, t) for t in unet_targets(parts, with_conv=True)]
+    targets += [(parts.text_encoder, t) for t in text_encoder_targets(parts)]
     out = {}
     for model, target in targets:
         weight = model.get_submodule(target.path).weight
@@ -61,14 +63,9 @@ def test_merge_adds_weighted_deltas_and_extract_recovers_them(base, tmp_path):
     expected = {n: 0.8 * d for n, d in deltas(a).items()}
     for name, delta in deltas(b).items():
         expected[name] = expected[name] - 0.5 * delta
-    modules = {}
-    for prefix, model_name in ((lora.UNET_PREFIX, "unet"), (lora.TE_PREFIX, "text_encoder")):
-        for path, module in getattr(base, model_name).named_modules():
-            modules[prefix + path.replace(".", "_")] = (model_name, path)
+    base_modules, merged_modules = module_map(base), module_map(merged)
     for name, delta in expected.items():
-        model_name, path = modules[name]
-        before = getattr(base, model_name).get_submodule(path).weight
-        after = getattr(merged, model_name).get_submodule(path).weight
+        before, after = base_modules[name].weight, merged_modules[name].weight
         assert torch.allclose(after - before, delta.reshape(before.shape), atol=1e-5), name
 
     # the merged change has rank 2 + 3 per module: extracting at rank 5 recovers it
@@ -84,7 +81,7 @@ def test_merge_adds_weighted_deltas_and_extract_recovers_them(base, tmp_path):
     with safe_open(str(extracted_path), "pt") as handle:
         metadata = handle.metadata()
     assert metadata["ss_network_dim"] == "5" and metadata["modelspec.architecture"] == "stable-diffusion-v1/lora"
-    assert extracted[f"{lora.UNET_PREFIX}down_blocks_0_resnets_0_conv1.lora_down.weight"].shape[2:] == (3, 3)
+    assert extracted["lora_unet_down_blocks_0_resnets_0_conv1.lora_down.weight"].shape[2:] == (3, 3)
 
 
 def unet_outputs(parts, captions: list[str]) -> torch.Tensor:

@@ -24,16 +24,12 @@ from transformers import CLIPTextConfig, CLIPTextModel
 
 from library.models import ldm_layout as layout
 from library.models.clip_tokenizer import build_clip_tokenizer
-from library.models.loading import (
-    BUILTIN_MODELS,
-    CONFIG_ROOT,
-    ModelLoadError,
-    build_builtin,
-    load_model,
-    model_path_problem,
-    save_diffusers,
-    save_single_file,
-)
+from library.models.families import family_for_ldm_keys, family_named
+from library.models.paths import BUILTIN_MODELS, CONFIG_ROOT, ModelLoadError, model_path_problem
+from library.models.builtin import build_builtin
+from library.models.loading import load_model
+from library.models.diffusers_folder import save_diffusers
+from library.models.single_file import save_single_file
 
 REPO = Path(__file__).resolve().parent.parent
 FAMILY = {"tiny-sd15": "sd1", "tiny-sd2": "sd2"}
@@ -74,7 +70,7 @@ def test_builtin_is_deterministic_and_leaves_global_rng_alone(name):
     first = build_builtin(name)
     assert torch.equal(torch.rand(3), expected_draw)
     assert_same_weights(first, build_builtin("builtin:" + name))
-    assert first.family == FAMILY[name]
+    assert first.family.name == FAMILY[name]
     assert first.v_prediction == (name == "tiny-sd2")
     assert first.noise_scheduler.config.prediction_type == ("v_prediction" if first.v_prediction else "epsilon")
     assert first.text_encoder.get_input_embeddings().weight.shape[0] == 49408
@@ -103,7 +99,7 @@ def test_load_model_casts_to_requested_dtype_and_prints_one_line(capsys):
 
 
 def test_tokenizer_matches_openai_clip_ids():
-    sd1 = build_clip_tokenizer("sd1")
+    sd1 = build_clip_tokenizer()
     assert sd1("a photo of a cat").input_ids == [49406, 320, 1125, 539, 320, 2368, 49407]
     assert sd1.model_max_length == 77 and len(sd1) == 49408
     padded = sd1("a cat", padding="max_length", max_length=77).input_ids
@@ -111,7 +107,7 @@ def test_tokenizer_matches_openai_clip_ids():
 
 
 def test_sd2_tokenizer_pads_with_exclamation_mark():
-    sd2 = build_clip_tokenizer("sd2")
+    sd2 = family_named("sd2").build_tokenizers()[0]
     ids = sd2("a photo of a cat", padding="max_length", max_length=77).input_ids
     assert ids[:7] == [49406, 320, 1125, 539, 320, 2368, 49407]
     assert ids[7:] == [0] * 70
@@ -124,7 +120,7 @@ def test_diffusers_folder_round_trip(saved, capsys):
     name, parts, root = saved
     loaded = load_model(str(root / "folder"))
     assert_same_weights(parts, loaded)
-    assert (loaded.family, loaded.v_prediction) == (FAMILY[name], name == "tiny-sd2")
+    assert (loaded.family.name, loaded.v_prediction) == (FAMILY[name], name == "tiny-sd2")
     assert "scheduler_config.json" in capsys.readouterr().out
     prompt = "a photo of a cat, masterpiece"
     assert loaded.tokenizer(prompt, padding="max_length").input_ids == parts.tokenizer(prompt, padding="max_length").input_ids
@@ -138,7 +134,7 @@ def test_diffusers_folder_round_trip(saved, capsys):
 def test_save_diffusers_replaces_existing_folder(tmp_path):
     save_diffusers(build_builtin("tiny-sd2"), tmp_path / "out")
     save_diffusers(build_builtin("tiny-sd15"), tmp_path / "out")
-    assert load_model(str(tmp_path / "out")).family == "sd1"
+    assert load_model(str(tmp_path / "out")).family.name == "sd1"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temp or backup folders left
 
 
@@ -154,7 +150,7 @@ def test_single_file_round_trip_with_our_loader(saved):
     name, parts, root = saved
     loaded = load_model(str(root / "model.safetensors"))
     assert_same_weights(parts, loaded)
-    assert (loaded.family, loaded.v_prediction) == (FAMILY[name], name == "tiny-sd2")
+    assert (loaded.family.name, loaded.v_prediction) == (FAMILY[name], name == "tiny-sd2")
 
 
 def test_single_file_uses_original_sd_layout(saved):
@@ -359,7 +355,7 @@ def test_full_size_layout_reads_back_through_diffusers(family):
         vae = AutoencoderKL.from_config(vae_config).state_dict()
         text_model = CLIPTextModel(text_config)
     text = text_model.state_dict()
-    ldm = layout.diffusers_to_ldm(unet, unet_config, vae, vae_config, text, family)
+    ldm = layout.diffusers_to_ldm(unet, unet_config, vae, vae_config, family_named(family).ldm_text_state_dict([text]))
     assert len([k for k in ldm if k.startswith(layout.UNET_PREFIX)]) == 686  # as in v1-5-pruned-emaonly
     assert len([k for k in ldm if k.startswith(layout.VAE_PREFIX)]) == 248
     # Names from the original checkpoints; diffusers' reader tolerates some variants A1111 would not.
@@ -368,7 +364,7 @@ def test_full_size_layout_reads_back_through_diffusers(family):
                  "first_stage_model.decoder.up.0.upsample.conv.weight",
                  "model.diffusion_model.output_blocks.5.1.conv.weight"} & set(ldm))
     assert layout.ldm_context_dim({k: v.shape for k, v in ldm.items()}) == {"sd1": 768, "sd2": 1024}[family]
-    assert layout.ldm_text_family(list(ldm)) == family
+    assert family_for_ldm_keys(list(ldm)).name == family
 
     unet_back = convert_ldm_unet_checkpoint(ldm, unet_config)
     vae_back = convert_ldm_vae_checkpoint(ldm, vae_config)

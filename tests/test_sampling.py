@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file
 
 import train_lora
-from library.models.loading import build_builtin
+from library.models.builtin import build_builtin
 from library.sampling.prompt_file import PromptError, canonical_sampler, parse_prompt_line, parse_prompt_lines
 from library.sampling.preview import SampleSpec, decode_latents, generate
 from tests.test_train_lora import config_text

@@ -9,8 +9,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 import train_lora
-from library.networks import lora
-from library.models.loading import build_builtin
+from library.networks.merge import merge_network
+from library.models.builtin import build_builtin
 from library.training.trainer import Trainer
 from tests.helpers import training_set_loss
 
@@ -71,8 +71,7 @@ def test_training_lowers_denoising_loss_and_file_has_kohya_layout(tmp_path):
 
     parts = build_builtin("tiny-sd15")
     before = training_set_loss(parts, tmp_path / "train")
-    lora.merge_lora({lora.UNET_PREFIX: parts.unet, lora.TE_PREFIX: parts.text_encoder},
-                    {k: v.float() for k, v in weights.items()})
+    merge_network(parts, {k: v.float() for k, v in weights.items()})
     after = training_set_loss(parts, tmp_path / "train")
     assert after < before * 0.97, (before, after)
 

@@ -18,16 +18,23 @@ from transformers import CLIPTextConfig, CLIPTextModel
 import train_textual_inversion
 from tests.helpers import training_set_loss
 from library.models.clip_tokenizer import build_clip_tokenizer
-from library.config.schema import ConfigError, config_to_toml, load_config
-from library.recipes.ti_config import TIRunConfig
+from library.models.families.sd import SD2
+from library.config.loading import ConfigError, config_to_toml
+from library.recipes.textual_inversion import TIRunConfig
 from library.data.folders import CaptionOptions, ImageItem
 from library.training.loss import per_sample_loss
-from library.networks.embeddings import add_tokens, expand_name, init_vectors, load_embedding, read_png_embedding
+from library.networks.embeddings import add_tokens, init_vectors, load_embedding, read_png_embedding
+from library.networks.embedding_names import expand_name
 from library.data.latent_cache import encode_distribution
-from library.models.loading import CONFIG_ROOT, ModelParts, build_builtin
-from library.recipes.ti_training import (PromptedData, SampledLatents, builtin_templates, filename_words, template_lines)
-from library.training.trainer import pixel_weighted_loss
-from library.data.sources import TrainingData
+from library.models.paths import CONFIG_ROOT
+from library.models.parts import ModelParts
+from library.models.builtin import build_builtin
+from library.data.prompts import PromptedData, builtin_templates, filename_words, template_lines
+from library.data.sources import LatentSource
+from library.training.loss import pixel_weighted_loss
+from library.data.batches import TrainingData
+from library.recipes.textual_inversion import RECIPE as TEXTUAL_INVERSION
+from library.recipes.run import read_config
 
 REPO = Path(__file__).resolve().parent.parent
 SAMPLES = REPO / "examples" / "sample_dataset" / "train"
@@ -75,7 +82,7 @@ def run(path: Path, *overrides: str) -> int:
 
 
 def use_parts(monkeypatch, parts: ModelParts) -> None:
-    monkeypatch.setattr(train_textual_inversion, "load_model", lambda *args, **kwargs: parts)
+    monkeypatch.setattr("library.models.loading.load_model", lambda *args, **kwargs: parts)
 
 
 def snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -181,8 +188,9 @@ def sd2_wide_parts() -> ModelParts:
         unet_config = json.loads((CONFIG_ROOT / "tiny-sd2" / "unet" / "config.json").read_text())
         unet = UNet2DConditionModel.from_config({**unet_config, "cross_attention_dim": 1024})
     tiny = build_builtin("tiny-sd2")
-    return ModelParts(build_clip_tokenizer("sd2"), text.eval(), tiny.vae, unet.eval(), tiny.noise_scheduler,
-                      "sd2", True, "tiny-sd2-wide")
+    return ModelParts(family=SD2, tokenizers=SD2.build_tokenizers(), text_encoders=[text.eval()], vae=tiny.vae,
+                      unet=unet.eval(), noise_scheduler=tiny.noise_scheduler, v_prediction=True,
+                      source="tiny-sd2-wide")
 
 
 def test_sd2_width_embedding_trains_and_loads_in_diffusers(tmp_path, monkeypatch):
@@ -220,7 +228,7 @@ def ti_problems(tmp_path: Path, text: str, overrides=()) -> list[str]:
     path = tmp_path / "run.toml"
     path.write_text(text.replace("{train}", (tmp_path / "train").as_posix()), encoding="utf-8")
     with pytest.raises(ConfigError) as info:
-        load_config(path, list(overrides), TIRunConfig)
+        read_config(path, list(overrides), TEXTUAL_INVERSION)
     return info.value.problems
 
 
@@ -228,7 +236,7 @@ def test_config_defaults_follow_a1111_and_round_trip(tmp_path):
     (tmp_path / "train" / "1_x").mkdir(parents=True)
     path = tmp_path / "run.toml"
     path.write_text(MINIMAL.replace("{train}", (tmp_path / "train").as_posix()), encoding="utf-8")
-    config = load_config(path, ["embedding.learn_rate=0.005"], TIRunConfig)
+    config = read_config(path, ["embedding.learn_rate=0.005"], TEXTUAL_INVERSION)
     assert config.embedding.learn_rate == "0.005"  # a number on the command line is a one-rate schedule
     assert (config.save.name, config.save.precision) == ("kilnpot", "fp32")
     assert (config.optimizer.lr, config.optimizer.max_grad_norm, config.optimizer.args) == (0.005, 0.0,
@@ -317,7 +325,7 @@ def test_latent_sampling_methods(tmp_path):
     scale = parts.vae.config.scaling_factor
 
     def draws(method: str, cache: bool = True):
-        source = SampledLatents(base, parts.vae, method, cache, seed=3)
+        source = LatentSource(base, parts.vae, "memory" if cache else "off", seed=3, draw=method)
         source.fill()
         return [source.latents(batch, 0, step_seed) for step_seed in (11, 12)]
 

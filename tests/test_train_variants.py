@@ -10,7 +10,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 import train_lora
-from library.models.loading import build_builtin, save_single_file
+from library.models.builtin import build_builtin
+from library.models.single_file import save_single_file
 
 REPO = Path(__file__).resolve().parent.parent
 SAMPLES = REPO / "examples" / "sample_dataset"
@@ -198,7 +199,7 @@ def test_resume_with_other_batching_is_refused(tmp_path, capsys):
 ])
 def test_late_failures_are_caught_before_the_model_loads(tmp_path, capsys, monkeypatch, overrides, message):
     path = make_config(tmp_path, "builtin:tiny-sd15")
-    monkeypatch.setattr(train_lora, "load_model", lambda *a, **k: pytest.fail("the model must not load"))
+    monkeypatch.setattr("library.models.loading.load_model", lambda *a, **k: pytest.fail("the model must not load"))
     overrides = [o.replace("{file}", path.as_posix()) for o in overrides]  # a file cannot hold a folder
     with pytest.raises(SystemExit) as info:
         train_lora.main([str(path), *overrides])

@@ -21,7 +21,10 @@ quiet_libraries()  # before torch/diffusers imports print their banners
 
 import torch  # noqa: E402
 
-from library.models.loading import ModelLoadError, load_model, save_diffusers, save_single_file  # noqa: E402
+from library.models.paths import ModelLoadError  # noqa: E402
+from library.models.loading import load_model  # noqa: E402
+from library.models.diffusers_folder import save_diffusers  # noqa: E402
+from library.models.single_file import save_single_file  # noqa: E402
 
 PRECISIONS = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 V_CHOICES = {"auto": None, "true": True, "false": False}

@@ -23,7 +23,8 @@ import torch  # noqa: E402
 
 from library.training.checkpoints import atomic_save_safetensors  # noqa: E402
 from library.networks.extract import ExtractSettings, extract_lora, extract_metadata  # noqa: E402
-from library.models.loading import ModelLoadError, load_model  # noqa: E402
+from library.models.paths import ModelLoadError  # noqa: E402
+from library.models.loading import load_model  # noqa: E402
 
 PRECISIONS = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 

@@ -19,13 +19,12 @@ from library.quiet import quiet_libraries  # noqa: E402
 
 quiet_libraries()  # before torch/diffusers imports print their banners
 
-import torch  # noqa: E402
-
-from library.networks import lora  # noqa: E402
-from library.recipes.dreambooth import model_format, save_model  # noqa: E402
-from library.models.loading import ModelLoadError, load_model  # noqa: E402
-
-PRECISIONS = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+from library.models.loading import load_model  # noqa: E402
+from library.models.paths import ModelLoadError  # noqa: E402
+from library.models.saving import model_format, save_model  # noqa: E402
+from library.networks.kinds import kind_of_weights  # noqa: E402
+from library.networks.merge import merge_network, read_network_file  # noqa: E402
+from library.training.device import SAVE_DTYPES as PRECISIONS  # noqa: E402
 
 
 def parse_lora_spec(spec: str) -> tuple[Path, float]:
@@ -56,18 +55,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def merge_files(parts, specs: list[tuple[Path, float]]) -> list[str]:
     """Merge each LoRA into parts in place; returns one line per file. Raises ValueError for files that are
     not kohya LoRAs for this model."""
-    models = {lora.UNET_PREFIX: parts.unet, lora.TE_PREFIX: parts.text_encoder}
     lines = []
     for path, weight in specs:
-        try:
-            weights, _ = lora.read_lora_file(path)
-        except Exception as exc:  # safetensors raises its own error types for files that are not safetensors
-            raise ValueError(f"{path} cannot be read as a .safetensors LoRA: {exc}") from exc
-        modules = sum(1 for k in weights if k.endswith(".lora_down.weight"))
-        if not modules:
-            raise ValueError(f"{path} holds no kohya LoRA modules (*.lora_down.weight); LyCORIS LoHa/LoKr and "
-                             "other formats cannot be merged by this tool")
-        unmatched = lora.merge_lora(models, {k: v.float() for k, v in weights.items()}, weight)
+        weights, _ = read_network_file(path)
+        kind = kind_of_weights(weights)
+        if kind is None:
+            raise ValueError(f"{path} holds no kohya LoRA modules (*.lora_down.weight); other formats cannot be "
+                             "merged by this tool")
+        modules = len(kind.module_names(weights))
+        unmatched = merge_network(parts, {k: v.float() for k, v in weights.items()}, weight)
         if unmatched:
             raise ValueError(f"{path}: {len(unmatched)} of its {modules} modules match nothing in the base model "
                              f"(e.g. {unmatched[0]}); was it trained on another model family (SD1/SD2/SDXL)?")

@@ -20,9 +20,6 @@ MODEL_MAX_LENGTH = 77
 VOCAB_SIZE = 49408
 BOS_TOKEN = "<|startoftext|>"
 EOS_TOKEN = "<|endoftext|>"
-# SD1 pads with the end token; SD2 (OpenCLIP) pads with "!" (id 0). The padded positions change the
-# text-encoder output, so using the wrong one silently shifts every conditioning vector.
-PAD_TOKENS = {"sd1": EOS_TOKEN, "sd2": "!"}
 # OpenAI keeps the first 48,894 merges of the file (49408 - 256 bytes - 256 '</w>' bytes - 2 special).
 _NUM_MERGES = VOCAB_SIZE - 2 * 256 - 2
 
@@ -95,13 +92,13 @@ def _vocab_and_merges() -> tuple[dict[str, int], tuple[tuple[str, str], ...]]:
     return vocab, merges  # type: ignore[return-value]
 
 
-def build_clip_tokenizer(family: str = "sd1") -> CLIPTokenizer:
-    """A fresh CLIPTokenizer for ``family`` ("sd1" or "sd2"), built without network access.
+def build_clip_tokenizer(pad_token: str = EOS_TOKEN) -> CLIPTokenizer:
+    """A fresh CLIPTokenizer built without network access. SD1 pads with the end token, SD2 and SDXL's second
+    encoder (OpenCLIP) with "!" (id 0): the padded positions change the text-encoder output, so the model
+    family passes its own (library/models/families/).
 
     A new object is returned on every call because textual inversion adds tokens to it.
     """
-    if family not in PAD_TOKENS:
-        raise ValueError(f"unknown model family {family!r}; expected one of {sorted(PAD_TOKENS)}")
     vocab, merges = _vocab_and_merges()
     return CLIPTokenizer(
         vocab=dict(vocab),
@@ -109,6 +106,6 @@ def build_clip_tokenizer(family: str = "sd1") -> CLIPTokenizer:
         bos_token=BOS_TOKEN,
         eos_token=EOS_TOKEN,
         unk_token=EOS_TOKEN,
-        pad_token=PAD_TOKENS[family],
+        pad_token=pad_token,
         model_max_length=MODEL_MAX_LENGTH,
     )

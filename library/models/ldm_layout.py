@@ -24,9 +24,6 @@ CLIP_PREFIX = "cond_stage_model.transformer.text_model."  # SD1: OpenAI CLIP via
 OPENCLIP_PREFIX = "cond_stage_model.model."  # SD2: OpenCLIP ViT-H text tower
 SDXL_PREFIX = "conditioner.embedders."
 
-# Cross-attention width of the UNet → family. It is what tools look at to tell SD1 from SD2.
-FAMILY_BY_CONTEXT_DIM = {768: "sd1", 1024: "sd2"}
-
 
 class LayoutError(ValueError):
     """A state dict does not fit the layout being converted."""
@@ -244,16 +241,10 @@ def diffusers_to_ldm(
     unet_config: Mapping,
     vae: Mapping[str, torch.Tensor],
     vae_config: Mapping,
-    text_encoder: Mapping[str, torch.Tensor],
-    family: str,
+    text: Mapping[str, torch.Tensor],
 ) -> dict[str, torch.Tensor]:
-    """Full SD1/SD2 single-file state dict from the three diffusers/transformers state dicts."""
-    if family == "sd1":
-        text = clip_text_to_ldm(text_encoder)
-    elif family == "sd2":
-        text = openclip_text_to_ldm(text_encoder)
-    else:
-        raise LayoutError(f"no single-file layout for model family {family!r}")
+    """Full single-file state dict: the UNet and VAE converted here, `text` already in the single-file names
+    (the model family converts its text encoders: ModelFamily.ldm_text_state_dict)."""
     return {**unet_to_ldm(unet, unet_config), **vae_to_ldm(vae, vae_config), **text}
 
 
@@ -262,15 +253,4 @@ def ldm_context_dim(shapes: Mapping[str, Sequence[int]]) -> int | None:
     for key, shape in shapes.items():
         if key.startswith(UNET_PREFIX) and key.endswith("attn2.to_k.weight") and len(shape) == 2:
             return int(shape[1])
-    return None
-
-
-def ldm_text_family(keys: Sequence[str]) -> str | None:
-    """"sd1" (OpenAI CLIP), "sd2" (OpenCLIP), "sdxl" (two embedders) or None from the text-encoder keys."""
-    if any(k.startswith(SDXL_PREFIX) for k in keys):
-        return "sdxl"
-    if any(k.startswith(OPENCLIP_PREFIX) for k in keys):
-        return "sd2"
-    if any(k.startswith("cond_stage_model.transformer.") for k in keys):
-        return "sd1"
     return None

@@ -14,9 +14,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from library.networks import lora
-from library.networks.trainable import base_model_version
-from library.models.loading import ModelParts
+from library.models.parts import ModelParts
+from library.networks.base import NetworkSpec, Target
+from library.networks.lora import LORA
+from library.networks.metadata import model_metadata
+from library.networks.targets import text_encoder_targets, unet_targets
 
 # Below this largest absolute weight change a text encoder counts as unchanged (DreamBooth runs that froze
 # it), as sd-scripts decides; an unchanged part is left out of the file instead of written as zeros.
@@ -64,7 +66,7 @@ def _weights(model: nn.Module) -> dict[str, torch.Tensor]:
     return dict(model.named_parameters())
 
 
-def _extract_part(tuned: nn.Module, base: nn.Module, targets: list[lora.Target], settings: ExtractSettings,
+def _extract_part(tuned: nn.Module, base: nn.Module, targets: list[Target], settings: ExtractSettings,
                   device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     tuned_weights, base_weights = _weights(tuned), _weights(base)
     deltas = {}
@@ -96,15 +98,14 @@ def extract_lora(tuned: ModelParts, base: ModelParts, settings: ExtractSettings,
     All of a part's modules are written or none: diffusers mis-reads text-encoder LoRAs that adapt only some
     projections (REFERENCE.md)."""
     if (tuned.family, _config_of(tuned)) != (base.family, _config_of(base)):
-        raise ValueError(f"the models have different architectures ({tuned.source}: {tuned.family}, "
-                         f"{base.source}: {base.family}); extract from the model the fine-tune started from")
+        raise ValueError(f"the models have different architectures ({tuned.source}: {tuned.family.label}, "
+                         f"{base.source}: {base.family.label}); extract from the model the fine-tune started from")
     device = torch.device(device)
     tensors: dict[str, torch.Tensor] = {}
     changed = []
-    parts = (
-        ("unet", tuned.unet, base.unet, lora.unet_targets(base.unet, with_conv=settings.conv_rank > 0)),
-        ("text_encoder", tuned.text_encoder, base.text_encoder, lora.text_encoder_targets(base.text_encoder)),
-    )
+    parts = [("unet", tuned.unet, base.unet, unet_targets(base, with_conv=settings.conv_rank > 0))]
+    parts += [(slot.group, tuned.text_encoders[i], base.text_encoders[i], text_encoder_targets(base, i))
+              for i, slot in enumerate(base.family.text_encoders)]
     for name, tuned_model, base_model, targets in parts:
         found = _extract_part(tuned_model, base_model, targets, settings, device, dtype)
         if found:
@@ -122,22 +123,13 @@ def _config_of(parts: ModelParts) -> str:
 def extract_metadata(tuned: ModelParts, base: ModelParts, settings: ExtractSettings, changed: list[str]
                      ) -> dict[str, str]:
     """The `ss_*` / `modelspec.*` strings LoRA tools show, as sd-scripts' extract_lora_from_models writes them."""
-    version, architecture = base_model_version(base)
-    args = {"conv_dim": str(settings.conv_rank), "conv_alpha": str(settings.conv_rank)} if settings.conv_rank else {}
+    # alpha = rank everywhere: the file applies exactly the truncated SVD at weight 1
+    spec = NetworkSpec(settings.rank, float(settings.rank), settings.conv_rank, float(settings.conv_rank))
     return {
-        "ss_network_module": "networks.lora",
-        "ss_network_dim": str(settings.rank),
-        "ss_network_alpha": str(settings.rank),
-        "ss_network_args": json.dumps(args),
-        "ss_base_model_version": version,
-        "ss_v2": str(base.family == "sd2"),
-        "ss_sd_model_name": base.source,
+        **LORA.metadata(spec),
         "ss_training_comment": f"extracted from {tuned.source} minus {base.source} by SVD "
                                f"({' and '.join(changed) or 'no changes'})",
         "ss_training_started_at": str(int(time.time())),
-        "modelspec.sai_model_spec": "1.0.0",
-        "modelspec.architecture": f"{architecture}/lora",
-        "modelspec.implementation": "diffusers",
-        "modelspec.title": f"{tuned.source} (extracted LoRA)",
-        "modelspec.prediction_type": "v" if base.v_prediction else "epsilon",
+        **model_metadata(base, f"{tuned.source} (extracted LoRA)"),
+        "ss_sd_model_name": base.source,
     }

@@ -1,84 +1,25 @@
-"""LoRA / LoCon networks: build with peft, save and load in the kohya key layout, merge into base weights.
+"""LoRA / LoCon: injected with peft, saved and loaded in the kohya key layout, merged as up·down·alpha/rank.
 
 peft does the injection, dropout, scaling (alpha / rank) and per-module ranks. What we write by hand is the
-naming: kohya names are fixed strings other tools look up (REFERENCE.md), so they are built explicitly from
-module paths — never derived from today's transformers attribute layout (transformers 5 dropped the
-`text_model.` level that every kohya text-encoder key still carries).
+file layout: kohya tensor names are fixed strings other tools look up (REFERENCE.md); the module names come
+from library/networks/targets.py and the model family.
 """
 from __future__ import annotations
 
+import json
 import re
-from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from peft import LoraConfig, inject_adapter_in_model
 from peft.tuners.lora import LoraLayer
-from safetensors import SafetensorError, safe_open
 from torch import nn
 
+from library.networks.base import NetworkKind, NetworkSpec, Target
+
 ADAPTER = "kiln"
-UNET_PREFIX = "lora_unet_"
-TE_PREFIX = "lora_te_text_model_"  # SD1/2; the `text_model_` part is what A1111/ComfyUI look for
-
-# Module classes whose Linear / 1x1-conv children are adapted (sd-scripts' choice; what users' files contain).
-UNET_ATTENTION_BLOCKS = ("Transformer2DModel",)
-UNET_CONV_BLOCKS = ("ResnetBlock2D", "Downsample2D", "Upsample2D")
-TE_BLOCKS = ("CLIPAttention", "CLIPSdpaAttention", "CLIPFlashAttention2", "CLIPMLP")
 
 
-@dataclass(frozen=True)
-class LoraSpec:
-    rank: int
-    alpha: float
-    conv_rank: int = 0  # 0 = attention/MLP only; >0 adds ResNet 3x3 convs (LoCon)
-    conv_alpha: float = 1.0
-    dropout: float = 0.0
-
-
-@dataclass(frozen=True)
-class Target:
-    """One adaptable module: its path in the model, its kohya name, and whether it is a 3x3 conv."""
-
-    path: str
-    kohya_name: str
-    is_conv3x3: bool
-
-
-def _is_linear_like(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear) or (isinstance(module, nn.Conv2d) and module.kernel_size == (1, 1))
-
-
-def _is_conv3x3(module: nn.Module) -> bool:
-    return isinstance(module, nn.Conv2d) and module.kernel_size == (3, 3)
-
-
-def find_targets(model: nn.Module, prefix: str, blocks: tuple[str, ...], conv_blocks: tuple[str, ...] = ()) -> list[Target]:
-    """Adaptable modules inside blocks of the given class names, in module order."""
-    targets: dict[str, Target] = {}
-    for block_path, block in model.named_modules():
-        block_class = type(block).__name__
-        if block_class not in blocks and block_class not in conv_blocks:
-            continue
-        for child_path, child in block.named_modules():
-            if not child_path:
-                continue
-            path = f"{block_path}.{child_path}"
-            conv3 = _is_conv3x3(child) and block_class in conv_blocks
-            if (_is_linear_like(child) or conv3) and path not in targets:
-                targets[path] = Target(path, prefix + path.replace(".", "_"), conv3)
-    return list(targets.values())
-
-
-def unet_targets(unet: nn.Module, with_conv: bool) -> list[Target]:
-    return find_targets(unet, UNET_PREFIX, UNET_ATTENTION_BLOCKS, UNET_CONV_BLOCKS if with_conv else ())
-
-
-def text_encoder_targets(text_encoder: nn.Module) -> list[Target]:
-    return find_targets(text_encoder, TE_PREFIX, TE_BLOCKS)
-
-
-def add_lora(model: nn.Module, targets: list[Target], spec: LoraSpec) -> None:
+def add_lora(model: nn.Module, targets: list[Target], spec: NetworkSpec) -> None:
     """Inject LoRA layers (peft) into `model`; only their weights are left trainable."""
     conv_paths = [t.path for t in targets if t.is_conv3x3]
     # peft matches pattern keys as regex suffixes of module names; anchor full paths so `conv1` ≠ `..._conv1`
@@ -143,15 +84,6 @@ def load_kohya_into(model: nn.Module, targets: list[Target], weights: dict[str, 
     return loaded
 
 
-def read_lora_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Tensors and metadata of a kohya LoRA .safetensors file (ValueError naming the file if it is not one)."""
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
-    except (OSError, SafetensorError) as err:
-        raise ValueError(f"{path} is not a readable .safetensors LoRA file ({err})") from None
-
-
 def lora_delta(down: torch.Tensor, up: torch.Tensor, alpha: float) -> torch.Tensor:
     """The weight change a LoRA module makes (before the multiplier), shaped like the base weight."""
     rank = down.shape[0]
@@ -165,26 +97,40 @@ def lora_delta(down: torch.Tensor, up: torch.Tensor, alpha: float) -> torch.Tens
     return torch.einsum("or,rihw->oihw", up32.flatten(1), down32) * scale
 
 
-def merge_lora(models: dict[str, nn.Module], weights: dict[str, torch.Tensor], multiplier: float = 1.0) -> list[str]:
-    """Add a kohya LoRA into base weights in place: W += multiplier · up·down · alpha/rank.
+class LoraKind(NetworkKind):
+    """kohya LoRA (`networks.lora`); LoCon is the same kind with network.conv_rank > 0."""
 
-    `models` maps a kohya prefix to its model, e.g. {UNET_PREFIX: unet, TE_PREFIX: text_encoder}.
-    Returns the kohya module names the file has that matched nothing (so callers can warn)."""
-    modules = {}
-    for prefix, model in models.items():
-        for path, module in model.named_modules():
-            if isinstance(module, (nn.Linear, nn.Conv2d)):
-                modules[prefix + path.replace(".", "_")] = module
-    names = sorted({k.split(".")[0] for k in weights if k.endswith(".lora_down.weight")})
-    unmatched = []
-    for name in names:
-        module = modules.get(name)
-        if module is None:
-            unmatched.append(name)
-            continue
+    name = "lora"
+    file_marker = ".lora_down.weight"
+
+    def inject(self, model: nn.Module, targets: list[Target], spec: NetworkSpec) -> None:
+        add_lora(model, targets, spec)
+
+    def parameters(self, model: nn.Module) -> list[nn.Parameter]:
+        return lora_parameters(model)
+
+    def state_dict(self, model: nn.Module, targets: list[Target], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        return kohya_state_dict(model, targets, dtype)
+
+    def load_state_dict(self, model: nn.Module, targets: list[Target], weights: dict[str, torch.Tensor]) -> int:
+        return load_kohya_into(model, targets, weights)
+
+    def delta(self, weights: dict[str, torch.Tensor], name: str) -> torch.Tensor:
         down, up = weights[f"{name}.lora_down.weight"], weights[f"{name}.lora_up.weight"]
         alpha = float(weights.get(f"{name}.alpha", torch.tensor(down.shape[0])))
-        delta = lora_delta(down, up, alpha) * multiplier
-        with torch.no_grad():
-            module.weight += delta.to(module.weight.dtype).reshape(module.weight.shape)
-    return unmatched
+        return lora_delta(down, up, alpha)
+
+    def metadata(self, spec: NetworkSpec) -> dict[str, str]:
+        args = {"conv_dim": str(spec.conv_rank), "conv_alpha": str(spec.conv_alpha)} if spec.conv_rank else {}
+        if spec.dropout:
+            args["dropout"] = str(spec.dropout)
+        return {"ss_network_module": "networks.lora", "ss_network_dim": str(spec.rank),
+                "ss_network_alpha": f"{spec.alpha:g}", "ss_network_args": json.dumps(args),
+                "ss_network_dropout": str(spec.dropout)}
+
+    def describe(self, spec: NetworkSpec) -> str:
+        conv = f", conv rank {spec.conv_rank} alpha {spec.conv_alpha:g}" if spec.conv_rank else ""
+        return f"LoRA rank {spec.rank} alpha {spec.alpha:g}{conv}"
+
+
+LORA = LoraKind()

@@ -15,11 +15,10 @@ import torch
 from tqdm import tqdm
 
 from library.atomic import write_atomically
-from library.recipes.dreambooth_config import DreamBoothRunConfig
+from library.data.batches import hash_ints
 from library.data.images import IMAGE_EXTENSIONS
-from library.models.loading import ModelParts
-from library.training.trainer import resolve_device
-from library.data.sources import hash_ints
+from library.models.parts import ModelParts
+from library.training.device import resolve_device
 
 GENERATED_PREFIX = "kiln-class-"
 _SEED_SALT = 0x636C617373  # "class": keeps these seeds apart from the training-noise seeds
@@ -49,7 +48,7 @@ def _images_in(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
 
 
-def class_image_status(config: DreamBoothRunConfig) -> ClassImageStatus | None:
+def class_image_status(config) -> ClassImageStatus | None:
     """How many class images dreambooth.class_dir has and wants; None when generation is off."""
     db = config.dreambooth
     if not db.num_class_images:
@@ -83,14 +82,14 @@ def _autocast(device: torch.device, mixed_precision: str):
 
 
 @torch.no_grad()
-def generate_class_images(parts: ModelParts, config: DreamBoothRunConfig, status: ClassImageStatus) -> list[Path]:
+def generate_class_images(parts: ModelParts, config, status: ClassImageStatus) -> list[Path]:
     """Generate status.missing images from dreambooth.class_prompt into status.folder (square, at
     dataset.resolution); returns the new image paths."""
     db, ds = config.dreambooth, config.dataset
     if not status.missing:
         return []
     status.folder.mkdir(parents=True, exist_ok=True)
-    device = resolve_device(config.train)
+    device = resolve_device(config.train.device)
     parts.to(device)
     pipe = parts.pipeline()
     pipe.set_progress_bar_config(disable=True)

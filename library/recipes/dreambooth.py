@@ -1,141 +1,132 @@
-"""DreamBooth as a `Trainable` for the shared loop: the UNet's own weights (and optionally the text encoder's,
-until a given step) are trained, and whole models are written in the formats other tools load."""
+"""train_dreambooth.py's recipe: a full fine-tune of the UNet (and optionally the text encoders) with prior
+preservation; missing class images are generated with the base model before the dataset scan."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any, Literal
 
-import torch
-from accelerate import init_empty_weights
-from torch import nn
+from pydantic import Field, model_validator
 
-from library.training.checkpoints import Progress
-from library.recipes.dreambooth_config import DreamBoothRunConfig
-from library.models.loading import ModelParts, save_diffusers, save_single_file
-from library.training.trainer import TrainerHooks
-
-SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
-UNET_KEY, TEXT_ENCODER_KEY = "unet.", "text_encoder."
+from library.config.schema import RunConfig, Section, fill_defaults
+from library.recipes.base import Built, Recipe, value_of
 
 
-def model_format(path: Path) -> str:
-    """"single_file" for a .safetensors path, else "diffusers" (a folder)."""
-    return "single_file" if Path(path).suffix.lower() == ".safetensors" else "diffusers"
+class DreamBoothSection(Section):
+    """What a DreamBooth run fine-tunes, its class (prior-preservation) images, and the model file it writes."""
+
+    train_text_encoder: bool = False
+    stop_text_encoder_training: int = Field(0, ge=0)  # freeze the text encoder after this step; 0 = never
+    unet_lr: float | None = Field(None, gt=0)  # None = optimizer.lr
+    text_encoder_lr: float | None = Field(None, gt=0)
+    # class images: kept in class_dir (named NN_name, like any reg folder); missing ones are generated
+    class_dir: str = ""
+    class_prompt: str = ""  # generates class images; also written as their captions
+    num_class_images: int = Field(0, ge=0)  # 0 = generate none
+    class_negative_prompt: str = ""
+    class_sampling_steps: int = Field(30, ge=1, le=1000)
+    class_guidance_scale: float = Field(7.5, ge=0)
+    class_batch_size: int = Field(1, ge=1, le=256)
+    save_format: Literal["single_file", "diffusers"] = "single_file"
 
 
-def _cpu_copy(module: nn.Module, dtype: torch.dtype) -> nn.Module:
-    """The module rebuilt on the CPU in `dtype`, without first copying it where it lives (a GPU may have no
-    room for a second UNet). Buffers are built normally; weights are assigned from the original."""
-    with init_empty_weights():
-        if hasattr(module, "from_config"):  # diffusers models
-            clone = type(module).from_config(module.config)
-        else:  # transformers models
-            clone = type(module)(module.config)
-    state = {k: (v.detach().to("cpu", dtype) if v.is_floating_point() else v.detach().cpu())
-             for k, v in module.state_dict().items()}
-    clone.load_state_dict(state, assign=True)
-    return clone.eval()
+class DreamBoothRunConfig(RunConfig):
+    """train_dreambooth.py. Defaults differ where a whole-model fine-tune needs it: lr 2e-6 (sd-scripts'
+    DreamBooth default; 1e-4 wrecks a full model), files named "dreambooth"."""
+
+    dreambooth: DreamBoothSection = DreamBoothSection()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _dreambooth_defaults(cls, data: Any) -> Any:
+        return fill_defaults(data, {("save", "name"): "dreambooth", ("optimizer", "lr"): 2e-6})
+
+    @model_validator(mode="after")
+    def _dreambooth_rules(self) -> "DreamBoothRunConfig":
+        if problems := _dreambooth_problems(self):
+            raise ValueError("; ".join(problems))
+        return self
 
 
-def save_model(parts: ModelParts, path: Path, dtype: torch.dtype) -> None:
-    """Write the whole model atomically: `path` ending in .safetensors → an original-layout single file
-    (A1111, ComfyUI, diffusers' from_single_file); anything else → a diffusers folder. Floats cast to dtype;
-    the modules in `parts` are left as they are (training goes on)."""
-    path = Path(path)
-    if model_format(path) == "single_file":
-        save_single_file(parts, path, dtype)  # casts tensor by tensor on the CPU and writes via temp + rename
-        return
-    copy = ModelParts(parts.tokenizer, _cpu_copy(parts.text_encoder, dtype), _cpu_copy(parts.vae, dtype),
-                      _cpu_copy(parts.unet, dtype), parts.noise_scheduler, parts.family, parts.v_prediction,
-                      parts.source)
-    save_diffusers(copy, path)  # written to a temporary folder, then moved into place
+def _dreambooth_problems(config: DreamBoothRunConfig) -> list[str]:
+    db, problems = config.dreambooth, []
+    if db.stop_text_encoder_training and not db.train_text_encoder:
+        problems.append("dreambooth.stop_text_encoder_training is set but dreambooth.train_text_encoder = false: "
+                        "turn text-encoder training on or set stop_text_encoder_training = 0")
+    if db.text_encoder_lr is not None and not db.train_text_encoder:
+        problems.append("dreambooth.text_encoder_lr is set but dreambooth.train_text_encoder = false")
+    if db.save_format == "diffusers" and "." in config.save.name:
+        problems.append(f"save.name = {config.save.name!r}: diffusers folders are named after save.name, which "
+                        "must then have no '.'")
+    if db.num_class_images:
+        if not db.class_prompt.strip():
+            problems.append(f"dreambooth.num_class_images = {db.num_class_images} needs dreambooth.class_prompt "
+                            "(e.g. \"a photo of a dog\") to generate the missing class images")
+        if not db.class_dir:
+            problems.append(f"dreambooth.num_class_images = {db.num_class_images} needs dreambooth.class_dir: "
+                            "the folder (named like 1_dog) that holds and receives the class images")
+    return problems
 
 
-class DreamBoothTrainable:
-    """Full fine-tune: every UNet weight, plus the text encoder's when configured (frozen after
-    dreambooth.stop_text_encoder_training steps). The resumable state is the trained weights themselves."""
+class DreamBoothRecipe(Recipe):
+    name = "dreambooth"
+    config_class = DreamBoothRunConfig
 
-    def __init__(self, parts: ModelParts, config: DreamBoothRunConfig):
-        db = config.dreambooth
-        self.parts = parts
-        self.config = config
-        self.artifact_suffix = ".safetensors" if db.save_format == "single_file" else ""
-        self.trains_text_encoder = db.train_text_encoder
-        self.stop_step = db.stop_text_encoder_training if db.train_text_encoder else 0
-        parts.vae.requires_grad_(False)
-        parts.unet.requires_grad_(True)
-        parts.text_encoder.requires_grad_(db.train_text_encoder)
-        self.groups = [{"params": list(parts.unet.parameters()), "lr": db.unet_lr or config.optimizer.lr,
-                        "name": "unet"}]
-        if db.train_text_encoder:
-            # the group stays after the text encoder stops (its weights then get no gradient, so no update):
-            # the optimizer's groups must match a resumed state's
-            self.groups.append({"params": list(parts.text_encoder.parameters()),
-                                "lr": db.text_encoder_lr or config.optimizer.lr, "name": "text_encoder"})
+    def environment_problems(self, data: dict) -> list[str]:
+        from library.data.folders import parse_folder_name
 
-    def describe(self) -> str:
-        db = self.config.dreambooth
-        counts = [f"UNet {sum(p.numel() for p in self.parts.unet.parameters()):,} parameters"]
-        if db.train_text_encoder:
-            until = f" until step {self.stop_step}" if self.stop_step else ""
-            counts.append(f"text encoder {sum(p.numel() for p in self.parts.text_encoder.parameters()):,} "
-                          f"parameters{until}")
-        kind = "single .safetensors file" if db.save_format == "single_file" else "diffusers folder"
-        return (f"DreamBooth: full fine-tune of the {' and '.join(counts)}; saves a {kind} "
-                f"({self.config.save.precision})")
+        class_dir = value_of(data, "dreambooth", "class_dir", str, "")
+        if not class_dir:
+            return []
+        folder = Path(class_dir).expanduser()
+        if parse_folder_name(folder.name) is None:
+            return [f"dreambooth.class_dir {class_dir!r}: name the folder NN_name like any reg folder, e.g. "
+                    f"{(folder.parent / ('1_' + folder.name)).as_posix()!r} (1 repeat per epoch)"]
+        if not value_of(data, "dreambooth", "num_class_images", int, 0) and not folder.is_dir():
+            return [f"dreambooth.class_dir: folder not found: {class_dir} (with num_class_images = 0 no class "
+                    "images are generated)"]
+        return []
 
-    def param_groups(self) -> list[dict]:
-        return self.groups
+    def text_encoder_trained_by(self, config: DreamBoothRunConfig) -> str | None:
+        return "dreambooth.train_text_encoder" if config.dreambooth.train_text_encoder else None
 
-    def set_train(self, training: bool) -> None:
-        self.parts.unet.train(training)
-        self.parts.text_encoder.train(training and self.trains_text_encoder)
+    def before_scan(self, config: DreamBoothRunConfig, check_only: bool, load_model) -> None:
+        """Generate the missing class images, so they join the run as regularisation images."""
+        from library.recipes.class_images import class_image_status, generate_class_images
 
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        state = {UNET_KEY + k: v for k, v in self.parts.unet.state_dict().items()}
-        if self.config.dreambooth.train_text_encoder:
-            state.update({TEXT_ENCODER_KEY + k: v for k, v in self.parts.text_encoder.state_dict().items()})
-        return state
-
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        targets = [(UNET_KEY, self.parts.unet)]
-        if self.config.dreambooth.train_text_encoder:
-            targets.append((TEXT_ENCODER_KEY, self.parts.text_encoder))
-        for prefix, module in targets:
-            part = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-            if not part:
-                raise ValueError(f"the training state has no {prefix.rstrip('.')} weights: it was saved by "
-                                 "another kind of run (LoRA, textual inversion, or DreamBooth without "
-                                 "text-encoder training); resume it with the same settings")
-            with torch.no_grad():
-                module.load_state_dict(part)  # copies into the existing (fp32, on-device) parameters
-
-    def after_backward(self) -> None:
-        pass
-
-    def reached_step(self, step: int) -> None:
-        """Freeze the text encoder once `step` reaches dreambooth.stop_text_encoder_training."""
-        if not (self.trains_text_encoder and self.stop_step and step >= self.stop_step):
+        status = class_image_status(config)
+        if status is None:
             return
-        encoder = self.parts.text_encoder
-        encoder.requires_grad_(False)
-        for param in encoder.parameters():
-            param.grad = None
-        encoder.eval()
-        self.trains_text_encoder = False  # the loop then runs the text encoder without gradients
-        print(f"text encoder: training stopped at step {step} (dreambooth.stop_text_encoder_training)")
+        print(status.line())
+        if status.missing and not check_only:
+            written = generate_class_images(load_model(), config, status)
+            print(f"class images: wrote {len(written)} to {status.folder}")
 
-    def save(self, path: Path, progress: Progress) -> None:
-        save_model(self.parts, path, SAVE_DTYPES[self.config.save.precision])
+    def extra_subsets(self, config: DreamBoothRunConfig) -> list:
+        """dreambooth.class_dir as a reg folder, unless reg_dir or a reg subset already holds it."""
+        from library.data.folders import Subset, parse_folder_name
+
+        db, ds = config.dreambooth, config.dataset
+        folder = Path(db.class_dir).expanduser() if db.class_dir else None
+        if folder is None or not folder.is_dir():
+            return []
+        resolved = folder.resolve()
+        covered = (ds.reg_dir and Path(ds.reg_dir).resolve() == resolved.parent) or any(
+            s.is_reg and Path(s.image_dir).resolve() == resolved for s in ds.subsets)
+        if covered:
+            return []
+        repeats, tokens = parse_folder_name(folder.name)
+        return [Subset(folder, repeats, tokens, True, ds.caption_extension)]
+
+    def build(self, parts, run) -> Built:
+        from library.training.full_model import FullModelTrainable, StopTextEncoderHooks
+
+        config: DreamBoothRunConfig = run.config
+        db, lr = config.dreambooth, config.optimizer.lr
+        suffix = ".safetensors" if db.save_format == "single_file" else ""
+        trainable = FullModelTrainable(parts, db.unet_lr or lr, (db.text_encoder_lr or lr) if db.train_text_encoder
+                                       else None, db.stop_text_encoder_training, suffix, run.save_dtype)
+        line = f"{trainable.describe('DreamBooth')} ({config.save.precision})"
+        return Built(trainable, StopTextEncoderHooks(trainable), lines=[line])
 
 
-class DreamBoothHooks(TrainerHooks):
-    """Tells the trainable each step the loop reaches, also when a run resumes past the text-encoder stop."""
-
-    def __init__(self, trainable: DreamBoothTrainable):
-        self.trainable = trainable
-
-    def after_step(self, trainer, loop, loss, lrs, batch) -> None:
-        self.trainable.reached_step(trainer.progress.global_step)
-
-    def after_resume(self, trainer, loop) -> None:
-        self.trainable.reached_step(trainer.progress.global_step)
+RECIPE = DreamBoothRecipe()

@@ -14,12 +14,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from torch import nn
 
-from library.networks.embeddings import Embedding, add_tokens, expand_name, load_embedding
+from library.networks.embedding_names import expand_name
+from library.networks.embeddings import Embedding, add_tokens, load_embedding
+from library.networks.merge import merge_network, read_network_file, restore_weights, snapshot_weights
 from library.sampling.grid import make_grid
-from library.networks.lora import TE_PREFIX, UNET_PREFIX, merge_lora, read_lora_file
-from library.models.loading import ModelParts, load_model
+from library.models.parts import ModelParts
+from library.models.loading import load_model
 from library.sampling.prompt_file import canonical_sampler
 from library.sampling.preview import SampleSpec, generate, save_sample
 
@@ -191,30 +192,16 @@ class Models:
         if not settings.lora:
             yield parts, spec
             return
-        weights, _ = read_lora_file(settings.lora)
-        models = {UNET_PREFIX: parts.unet, TE_PREFIX: parts.text_encoder}
-        saved = _snapshot(models, weights)
+        weights, _ = read_network_file(settings.lora)
+        saved = snapshot_weights(parts, weights)  # each cell merges onto the untouched base
         try:
-            unmatched = merge_lora(models, weights, settings.multiplier)
+            unmatched = merge_network(parts, weights, settings.multiplier)
             if unmatched:
                 print(f"note: {settings.lora}: {len(unmatched)} module(s) match nothing in this model, "
                       f"e.g. {unmatched[0]}")
             yield parts, spec
         finally:
-            with torch.no_grad():
-                for module, weight in saved:
-                    module.weight.copy_(weight)
-
-
-def _snapshot(models: dict[str, nn.Module], weights: dict) -> list[tuple[nn.Module, torch.Tensor]]:
-    """Copies of the base weights a LoRA file changes, so each cell merges onto the untouched base."""
-    names = {key.split(".")[0] for key in weights if key.endswith(".lora_down.weight")}
-    saved = []
-    for prefix, model in models.items():
-        for path, module in model.named_modules():
-            if isinstance(module, (nn.Linear, nn.Conv2d)) and prefix + path.replace(".", "_") in names:
-                saved.append((module, module.weight.detach().clone()))
-    return saved
+            restore_weights(saved)
 
 
 # ---------------------------------------------------------------------------------------------- the plot

@@ -18,10 +18,10 @@ from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, EulerAncestra
 from PIL import Image, PngImagePlugin
 
 from library.atomic import write_atomically
-from library.models.conditioning import encode_text, tokenize
-from library.models.loading import ModelParts
+from library.models.parts import ModelParts
 from library.sampling.prompt_file import SAMPLERS, PromptOptions, canonical_sampler, parse_prompt_lines, read_prompt_file
-from library.training.trainer import CombinedHooks, LoopParts, Trainer, TrainerHooks
+from library.training.hooks import CombinedHooks, TrainerHooks
+from library.training.trainer import LoopParts, Trainer
 
 
 @dataclass(frozen=True)
@@ -127,9 +127,12 @@ def to_image(pixels: torch.Tensor) -> Image.Image:
     return Image.fromarray(np.ascontiguousarray(array), mode="RGB")
 
 
-def _embeds(parts: ModelParts, text: str, clip_skip: int) -> torch.Tensor:
-    ids = tokenize(parts.tokenizer, [text])
-    return encode_text(parts.text_encoder, ids, clip_skip).to(parts.unet.dtype)
+def _encoded(parts: ModelParts, text: str, clip_skip: int):
+    encoding = parts.family.encode_text(parts, [text], clip_skip)
+    dtype = parts.unet.dtype
+    encoding.hidden_states = encoding.hidden_states.to(dtype)
+    encoding.pooled = None if encoding.pooled is None else encoding.pooled.to(dtype)
+    return encoding
 
 
 @torch.no_grad()
@@ -138,14 +141,14 @@ def generate(parts: ModelParts, spec: SampleSpec, clip_skip: int = 1) -> Image.I
     Leaves RNG states and every module's mode as they were."""
     if spec.width % 8 or spec.height % 8:
         raise ValueError(f"preview size {spec.width}x{spec.height} must be a multiple of 8")
-    with preserved_rng(), eval_mode(parts.unet, parts.text_encoder, parts.vae):
+    with preserved_rng(), eval_mode(*parts.networks()):
         # embeddings computed here, not by the pipeline: diffusers would re-expand multi-vector names and
         # apply its own clip_skip convention
-        positive = _embeds(parts, spec.prompt, clip_skip)
-        negative = _embeds(parts, spec.negative_prompt, clip_skip)
+        embeds = parts.family.prompt_embeds(_encoded(parts, spec.prompt, clip_skip),
+                                            _encoded(parts, spec.negative_prompt, clip_skip))
         pipe = parts.pipeline(make_sampler(spec.sampler, parts.noise_scheduler))
         pipe.set_progress_bar_config(disable=True)
-        latents = pipe(prompt_embeds=positive, negative_prompt_embeds=negative, width=spec.width,
+        latents = pipe(**embeds, width=spec.width,
                        height=spec.height, num_inference_steps=spec.steps, guidance_scale=spec.cfg_scale,
                        generator=torch.Generator().manual_seed(spec.seed), output_type="latent").images
         pixels = decode_latents(parts.vae, latents)
@@ -221,7 +224,7 @@ class SamplingHooks(TrainerHooks):
     def sample(self, trainer: Trainer, loop: LoopParts, step: int, epoch: int) -> list[Path]:
         """Render every spec; returns the files written."""
         self._last_step = step
-        modules = (self.parts.unet, self.parts.text_encoder, self.parts.vae)
+        modules = self.parts.networks()
         placement = _placement(*modules)
         writer = getattr(getattr(trainer, "log", None), "writer", None)
         paths = []

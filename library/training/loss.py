@@ -37,6 +37,15 @@ def min_snr_weights(scheduler: DDPMScheduler, timesteps: torch.Tensor, gamma: fl
     return clipped / (snr + 1) if v_prediction else clipped / snr
 
 
+def pixel_weighted_loss(prediction: torch.Tensor, target: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Per-sample MSE with a per-pixel weight map [B, 1 or C, h, w] at latent resolution (e.g. PNG alpha)."""
+    if weight.shape[0] != prediction.shape[0] or weight.shape[-2:] != prediction.shape[-2:]:
+        raise ValueError(f"loss weight map {tuple(weight.shape)} does not match the latents {tuple(prediction.shape)}")
+    loss = torch.nn.functional.mse_loss(prediction.float(), target.float(), reduction="none")
+    loss = loss * weight.to(loss.device, torch.float32)
+    return loss.mean(dim=list(range(1, loss.dim())))
+
+
 def per_sample_loss(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Mean squared error per sample, in fp32 whatever the autocast dtype."""
     loss = torch.nn.functional.mse_loss(prediction.float(), target.float(), reduction="none")

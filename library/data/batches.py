@@ -1,0 +1,102 @@
+"""Batches of an epoch: a seeded shuffled order that never mixes training sizes, per-sample captions and
+flips, and each item's pixels at its training size.
+
+Every random choice is derived from (seed, epoch, position) instead of a running RNG, so a resumed run sees
+exactly the data an uninterrupted run would have seen, without saving any RNG state.
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import torch
+
+from library.data.folders import CaptionOptions, ImageItem, expand_samples, process_caption
+from library.data.images import load_image, resize_and_crop, to_tensor
+
+
+def derived_rng(*parts: int) -> random.Random:
+    """A Python RNG seeded from a tuple of ints (stable across runs and platforms)."""
+    return random.Random(hash_ints(*parts))
+
+
+def hash_ints(*parts: int) -> int:
+    value = 0x9E3779B97F4A7C15
+    for part in parts:
+        value = (value ^ (part & 0xFFFFFFFFFFFFFFFF)) * 0x100000001B3 & 0xFFFFFFFFFFFFFFFF
+    return value >> 1
+
+
+@dataclass(frozen=True)
+class Batch:
+    items: list[ImageItem]
+    item_indices: list[int]
+    captions: list[str]
+    flips: list[bool]
+    loss_weight: torch.Tensor | None = None  # per-pixel loss weights [B, 1, h, w] at latent resolution
+
+    @property
+    def is_reg(self) -> torch.Tensor:
+        return torch.tensor([item.is_reg for item in self.items])
+
+
+class TrainingData:
+    """Items (training + balanced regularisation) → batches of one epoch, in a seeded shuffled order."""
+
+    def __init__(self, items: list[ImageItem], captions: CaptionOptions, resolution: int, batch_size: int,
+                 seed: int, flip_aug: bool = False, random_crop: bool = False,
+                 sizes: list[tuple[int, int]] | None = None):
+        """`sizes`: each item's bucket (width, height); None trains every item at resolution²."""
+        if sizes is not None and len(sizes) != len(items):
+            raise ValueError(f"{len(sizes)} bucket sizes for {len(items)} items")
+        self.items = items
+        self.caption_options = captions
+        self.resolution = resolution
+        self.batch_size = batch_size
+        self.seed = seed
+        self.flip_aug = flip_aug
+        self.random_crop = random_crop
+        self.sizes = sizes
+        self.samples = expand_samples(items)
+
+    def size_of(self, item_index: int) -> tuple[int, int]:
+        """Training (width, height) of an item: its aspect-ratio bucket, or resolution² without buckets."""
+        if self.sizes is not None:
+            return self.sizes[item_index]
+        return self.resolution, self.resolution
+
+    def epoch_batches(self, epoch: int) -> list[list[int]]:
+        """Sample positions grouped into batches for `epoch`; a batch never mixes training sizes.
+
+        Every epoch has the same number of batches (per size: ceil(samples / batch size)), so the step plan
+        holds; the batch order is shuffled again so the partial batches of each bucket are not all last."""
+        order = list(range(len(self.samples)))
+        derived_rng(self.seed, epoch, 1).shuffle(order)
+        by_size: dict[tuple[int, int], list[int]] = {}
+        batches = []
+        for position in order:
+            group = by_size.setdefault(self.size_of(self.samples[position]), [])
+            group.append(position)
+            if len(group) == self.batch_size:
+                batches.append(group.copy())
+                group.clear()
+        batches.extend(group for group in by_size.values() if group)
+        derived_rng(self.seed, epoch, 5).shuffle(batches)
+        return batches
+
+    def batch(self, epoch: int, positions: list[int]) -> Batch:
+        indices = [self.samples[p] for p in positions]
+        captions, flips = [], []
+        for position, index in zip(positions, indices):
+            rng = derived_rng(self.seed, epoch, position, 2)
+            captions.append(process_caption(self.items[index].caption, self.caption_options, rng))
+            flips.append(self.flip_aug and rng.random() < 0.5)
+        return Batch([self.items[i] for i in indices], indices, captions, flips)
+
+    def pixels(self, item_index: int, flip: bool, rng: random.Random | None = None) -> torch.Tensor:
+        """The item's image at its training size as a [3, H, W] tensor in [-1, 1]."""
+        width, height = self.size_of(item_index)
+        image = resize_and_crop(load_image(self.items[item_index].path), width, height,
+                                random_crop=self.random_crop, rng=rng)
+        tensor = to_tensor(image)
+        return tensor.flip(-1) if flip else tensor

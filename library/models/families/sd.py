@@ -1,0 +1,86 @@
+"""Stable Diffusion 1.x and 2.x: one CLIP text encoder, UNet conditioned on its hidden states only.
+
+SD1 uses OpenAI's CLIP ViT-L (768 wide, pads with the end token); SD2 OpenCLIP ViT-H (1024 wide, pads with
+"!", written to single files in OpenCLIP's names). Everything else is shared.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+import torch
+
+from library.models import ldm_layout as layout
+from library.models.clip_tokenizer import EOS_TOKEN, build_clip_tokenizer
+from library.models.conditioning import TextEncoding, encode_text, tokenize
+from library.models.families.base import ModelFamily, TextEncoderSlot
+
+_TEXT_ENCODER = TextEncoderSlot("text_encoder", "tokenizer", "lora_te_text_model_", "text_encoder")
+# Cross-attention widths of the released models; smaller (built-in, test) models are told apart by SD2's
+# linear transformer projections and GELU text encoder.
+_RELEASED_WIDTHS = (768, 1024)
+
+
+class StableDiffusion(ModelFamily):
+    text_encoders = (_TEXT_ENCODER,)
+
+    def __init__(self, name: str, label: str, context_dim: int, pad_token: str, ldm_text_prefix: str,
+                 openclip_layout: bool, versions: tuple[tuple[str, str], tuple[str, str]], is_v2: bool):
+        self.name = name
+        self.label = label
+        self.context_dim = context_dim
+        self.pad_token = pad_token
+        self.ldm_text_prefix = ldm_text_prefix
+        self.openclip_layout = openclip_layout  # SD2's text encoder uses linear projections and GELU too
+        self.versions = versions  # (epsilon, v-prediction) → (ss_base_model_version, modelspec.architecture)
+        self.is_v2 = is_v2
+
+    def claims_configs(self, unet_config: Mapping[str, Any], text_config: Mapping[str, Any]) -> bool:
+        if unet_config.get("addition_embed_type") is not None:
+            return False  # an extra-conditioned UNet (SDXL) is another family
+        width = int(unet_config.get("cross_attention_dim", 0))
+        if width in _RELEASED_WIDTHS:
+            return width == self.context_dim
+        linear = bool(unet_config.get("use_linear_projection")) or text_config.get("hidden_act") == "gelu"
+        return linear == self.openclip_layout
+
+    def claims_ldm_keys(self, keys: Sequence[str]) -> bool:
+        return any(key.startswith(self.ldm_text_prefix) for key in keys)
+
+    def config_folder(self, context_dim: int | None) -> str | None:
+        return self.name if context_dim == self.context_dim else None
+
+    def build_tokenizers(self) -> list:
+        return [build_clip_tokenizer(pad_token=self.pad_token)]
+
+    def text_encoder_classes(self) -> list[type]:
+        from transformers import CLIPTextModel
+
+        return [CLIPTextModel]
+
+    def native_resolution(self, v_prediction: bool) -> int:
+        return 768 if self.is_v2 and v_prediction else 512
+
+    def encode_text(self, parts, captions: list[str], clip_skip: int) -> TextEncoding:
+        encoder = parts.text_encoders[0]
+        return TextEncoding(encode_text(encoder, tokenize(parts.tokenizers[0], captions), clip_skip))
+
+    def pipeline(self, parts, scheduler: Any):
+        from diffusers import StableDiffusionPipeline
+
+        return StableDiffusionPipeline(vae=parts.vae, text_encoder=parts.text_encoders[0],
+                                       tokenizer=parts.tokenizers[0], unet=parts.unet, scheduler=scheduler,
+                                       safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+
+    def ldm_text_state_dict(self, text_state_dicts: list[Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        if self.openclip_layout:
+            return layout.openclip_text_to_ldm(text_state_dicts[0])
+        return layout.clip_text_to_ldm(text_state_dicts[0])
+
+    def base_model_version(self, v_prediction: bool) -> tuple[str, str]:
+        return self.versions[1 if v_prediction else 0]
+
+
+SD1 = StableDiffusion("sd1", "SD 1.x", 768, EOS_TOKEN, "cond_stage_model.transformer.", False,
+                      (("sd_v1", "stable-diffusion-v1"), ("sd_v1", "stable-diffusion-v1")), is_v2=False)
+SD2 = StableDiffusion("sd2", "SD 2.x", 1024, "!", layout.OPENCLIP_PREFIX, True,
+                      (("sd_v2", "stable-diffusion-v2-512"), ("sd_v2_v", "stable-diffusion-v2-768-v")), is_v2=True)

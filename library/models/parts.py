@@ -1,0 +1,64 @@
+"""The pieces of a loaded base model, and the noise schedulers built from its scheduler config."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler
+
+from library.models.families import ModelFamily
+
+
+@dataclass
+class ModelParts:
+    """A base model: its family, one tokenizer and text encoder per family slot, VAE, UNet and the training
+    noise scheduler (prediction_type matches v_prediction)."""
+
+    family: ModelFamily
+    tokenizers: list
+    text_encoders: list[torch.nn.Module]
+    vae: torch.nn.Module
+    unet: torch.nn.Module
+    noise_scheduler: DDPMScheduler
+    v_prediction: bool
+    source: str  # what was loaded, e.g. "builtin:tiny-sd15" or a file name
+
+    @property
+    def tokenizer(self):
+        """The first tokenizer (the only one before SDXL)."""
+        return self.tokenizers[0]
+
+    @property
+    def text_encoder(self) -> torch.nn.Module:
+        """The first text encoder (the only one before SDXL)."""
+        return self.text_encoders[0]
+
+    def networks(self) -> list[torch.nn.Module]:
+        """Every module with weights: text encoders, VAE, UNet."""
+        return [*self.text_encoders, self.vae, self.unet]
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "ModelParts":
+        """Move (and optionally cast) every network in place; returns self."""
+        kwargs = {k: v for k, v in (("device", device), ("dtype", dtype)) if v is not None}
+        if kwargs:
+            for module in self.networks():
+                # diffusers' ModelMixin.to warns on every dtype cast (even with nothing to keep in fp32).
+                torch.nn.Module.to(module, **kwargs)
+        return self
+
+    def pipeline(self, scheduler: Any = None):
+        """A sampling pipeline sharing these modules (no safety checker); DDIM unless ``scheduler`` is given."""
+        return self.family.pipeline(self, scheduler or sampling_scheduler(self.noise_scheduler))
+
+
+def training_scheduler(config: Mapping[str, Any], v_prediction: bool) -> DDPMScheduler:
+    """DDPM noise scheduler from a scheduler config (of any scheduler class) with the given prediction type."""
+    settings = {k: v for k, v in config.items() if not k.startswith("_")}
+    prediction = "v_prediction" if v_prediction else "epsilon"
+    return DDPMScheduler.from_config(settings, prediction_type=prediction, clip_sample=False)
+
+
+def sampling_scheduler(noise_scheduler: DDPMScheduler) -> DDIMScheduler:
+    """DDIM sampler with the training scheduler's betas and prediction type (SD's usual sampler settings)."""
+    return DDIMScheduler.from_config(noise_scheduler.config, set_alpha_to_one=False, steps_offset=1)

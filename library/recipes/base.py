@@ -1,0 +1,89 @@
+"""The recipe interface: what a trainer kind contributes to a run. `run.py` calls these in order:
+config_class (validate) → path_keys / environment_problems (checks) → before_scan → extra_subsets /
+text_encoder_trained_by / latent_draw / adjust_plan (resolve) → build (after the model loads)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable
+
+if TYPE_CHECKING:  # the heavy modules load only once the config is valid (fast --help and --check)
+    from library.config.schema import RunConfig
+    from library.data.batches import TrainingData
+    from library.data.folders import Subset
+    from library.models.parts import ModelParts
+    from library.training.hooks import TrainerHooks
+    from library.training.plan import TrainingPlan
+    from library.training.resolved import ResolvedRun
+    from library.training.trainable import StartPoint, Trainable
+
+
+@dataclass
+class Built:
+    """What a recipe's build returns: what is trained, its hooks, and what else the loop needs from it."""
+
+    trainable: "Trainable"
+    hooks: "TrainerHooks | None" = None
+    start: "StartPoint | None" = None  # where training starts, when not at step 0 from scratch
+    data: "TrainingData | None" = None  # replaces the run's data (textual inversion's prompts)
+    lines: list[str] = field(default_factory=list)  # what is trained, printed before training
+    prompt_transform: Callable[[str], str] | None = None  # rewrites preview prompts (multi-vector names)
+
+
+@dataclass(frozen=True)
+class PlanChange:
+    """How a recipe changes the step plan and LR schedule (textual inversion's A1111 schedule string)."""
+
+    plan: "TrainingPlan"
+    lr_schedule: str | None = None
+    notes: tuple[str, ...] = ()
+
+
+class Recipe:
+    """Base class; each trainer module defines one subclass and a module-level `RECIPE` instance."""
+
+    name: str = ""
+    config_class: type["RunConfig"]
+    # (section, key, "file" | "folder") of this trainer's own paths: resolved and checked like the shared ones
+    path_keys: tuple[tuple[str, str, str], ...] = ()
+
+    def environment_problems(self, data: dict) -> list[str]:
+        """Checks of this trainer's sections that need files, a registry or a tokenizer, on the raw config data
+        (so they are reported beside schema errors). Values may be missing or of the wrong type."""
+        return []
+
+    def before_scan(self, config: "RunConfig", check_only: bool, load_model: Callable[[], "ModelParts"]) -> None:
+        """Work before the dataset scan (DreamBooth generates its class images); `load_model` loads the base
+        model once for this and for training."""
+
+    def extra_subsets(self, config: "RunConfig") -> list["Subset"]:
+        """Folders this trainer adds to the dataset (DreamBooth's class_dir)."""
+        return []
+
+    def text_encoder_trained_by(self, config: "RunConfig") -> str | None:
+        """The config key that makes this run change a text encoder's output (then its outputs cannot be
+        cached), or None when no text encoder trains."""
+        raise NotImplementedError
+
+    def latent_draw(self, config: "RunConfig", cached: bool) -> str:
+        """How latents are drawn from the VAE's distribution (library/data/sources.py LATENT_DRAWS)."""
+        return "once" if cached else "step"
+
+    def adjust_plan(self, config: "RunConfig", plan: "TrainingPlan") -> PlanChange:
+        return PlanChange(plan)
+
+    def build(self, parts: "ModelParts", run: "ResolvedRun") -> Built | None:
+        """What is trained and its hooks, on the loaded model; None (after saying why) when there is nothing
+        to train. ValueError for a problem only the model shows (printed as one line)."""
+        raise NotImplementedError
+
+
+def table(data: dict, name: str) -> dict:
+    """A section of raw config data, or {} when it is missing or not a table."""
+    value = data.get(name)
+    return value if isinstance(value, dict) else {}
+
+
+def value_of(data: dict, section: str, key: str, kind: type, default: Any = None) -> Any:
+    """A raw config value when it has the expected type, else `default` (the schema reports wrong types)."""
+    value = table(data, section).get(key, default)
+    return value if isinstance(value, kind) and not (kind is int and isinstance(value, bool)) else default

@@ -1,0 +1,270 @@
+"""train_textual_inversion.py's recipe: new token vectors trained the A1111 way (templates, schedule string,
+latent sampling methods, log folder, `.optim` resume); the model itself never changes."""
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from library.config.schema import RunConfig, Section, fill_defaults
+from library.networks.embedding_names import name_problem
+from library.recipes.base import Built, PlanChange, Recipe, table, value_of
+
+
+class EmbeddingSection(Section):
+    """What textual inversion trains: new token vectors, and how its prompts are built (A1111's Train tab)."""
+
+    name: str  # the trigger word; also the file name (A1111 reads the trigger from it)
+    init_text: str = ""  # its token embeddings start the vectors; "" = zeros, as in A1111
+    vectors: int = Field(1, ge=1, le=75)  # vectors per token: more capture more, but use up the 75-token prompt
+    template: str | list[str] = "subject_filewords"  # a built-in name, a .txt file, or the lines themselves
+    learn_rate: str = ""  # A1111 schedule "0.05:10, 0.02:20, 0.005"; "" = optimizer.lr + optimizer.scheduler
+    shuffle_tags: bool = False  # shuffle the [filewords] tags per step
+    tag_dropout: float = Field(0.0, ge=0, le=1)  # drop each [filewords] tag with this probability per step
+    latent_sampling_method: Literal["once", "deterministic", "random"] = "once"
+    use_alpha_weight: bool = False  # PNG transparency weighs the loss (images without alpha weigh 1)
+    format: Literal["pt", "safetensors"] = "pt"
+    resume: str = ""  # an embedding file (.pt/.safetensors/.png) to continue, with its .optim when present
+    save_optimizer_state: bool = True  # write <file>.optim beside saved .pt files, for resume
+
+    @field_validator("learn_rate", mode="before")
+    @classmethod
+    def _rate_as_text(cls, value: Any) -> Any:
+        # `learn_rate = 0.005` (a TOML number, or a command-line override) means the one-rate schedule "0.005"
+        return str(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else value
+
+
+class TiLogSection(Section):
+    """A1111's log folder <logging.log_dir>/<date>/<name>/ (key names as in A1111's Train tab)."""
+
+    save_embedding_every: int = Field(500, ge=0)  # embeddings/<name>-<step>.pt; 0 = off
+    create_image_every: int = Field(500, ge=0)  # images/<name>-<step>.png; 0 = off
+    save_image_with_stored_embedding: bool = True  # image_embeddings/<name>-<step>.png with the PNG chunk
+    write_csv_every: int = Field(500, ge=0)  # textual_inversion_loss.csv; 0 = off
+    preview_prompt: str = ""  # "" = the step's first training prompt (A1111's default)
+    preview_negative_prompt: str = ""
+    preview_steps: int = Field(20, ge=1, le=150)
+    preview_cfg_scale: float = Field(7.0, ge=0)
+    preview_seed: int = -1  # -1 = a new seed per preview, derived from train.seed and the step
+    preview_width: int = Field(0, ge=0, multiple_of=8)  # 0 = dataset.resolution
+    preview_height: int = Field(0, ge=0, multiple_of=8)
+
+
+class TIRunConfig(RunConfig):
+    """train_textual_inversion.py. Defaults differ from the other trainers where A1111's do: lr 0.005, no
+    gradient clipping, AdamW without weight decay, fp32 files named after the embedding."""
+
+    embedding: EmbeddingSection
+    ti_log: TiLogSection = TiLogSection()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _a1111_defaults(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        embedding = data.get("embedding") if isinstance(data.get("embedding"), dict) else {}
+        optimizer = data.get("optimizer") if isinstance(data.get("optimizer"), dict) else {}
+        defaults = {("save", "precision"): "fp32",  # a few kilobytes: no reason to round them
+                    ("optimizer", "lr"): 0.005, ("optimizer", "max_grad_norm"): 0.0}
+        name = embedding.get("name")
+        if isinstance(name, str) and name_problem(name) is None:
+            defaults[("save", "name")] = name
+        if embedding.get("resume"):
+            defaults[("save", "overwrite")] = True  # continuing an embedding replaces its later files, as in A1111
+        if str(optimizer.get("name", "AdamW")).lower().replace("_", "").startswith("adamw"):
+            defaults[("optimizer", "args")] = {"weight_decay": 0.0}  # AdamW's default (0.01) shrinks the vectors
+        return fill_defaults(data, defaults)
+
+    @model_validator(mode="after")
+    def _ti_rules(self) -> "TIRunConfig":
+        problems = _ti_dataset_problems(self)
+        if problem := name_problem(self.embedding.name):
+            problems.append(problem)
+        opt = self.optimizer
+        if self.embedding.learn_rate.strip() and (opt.scheduler.strip().lower() != "constant" or opt.warmup_steps
+                                                  or opt.warmup_ratio):
+            problems.append("embedding.learn_rate sets the whole learning-rate schedule: remove "
+                            "optimizer.scheduler/warmup, or set embedding.learn_rate = \"\" to use them")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+
+def _ti_dataset_problems(config: TIRunConfig) -> list[str]:
+    ds, problems = config.dataset, []
+    for key, replacement in (("shuffle_caption", "embedding.shuffle_tags"),
+                             ("caption_tag_dropout_rate", "embedding.tag_dropout")):
+        if getattr(ds, key):
+            problems.append(f"textual inversion shuffles and drops [filewords] tags with {replacement} (A1111's "
+                            f"setting): set that instead of dataset.{key}")
+    if ds.reg_dir or any(subset.is_reg for subset in ds.subsets):
+        problems.append("textual inversion uses no regularisation images (the model does not change, so there "
+                        "is nothing to preserve): remove dataset.reg_dir and is_reg subsets")
+    if ds.cache_text_encoder_outputs:
+        problems.append("textual inversion trains what the text encoder reads, so its outputs cannot be "
+                        "cached: set dataset.cache_text_encoder_outputs = false")
+    if config.embedding.use_alpha_weight and ds.random_crop:
+        problems.append("embedding.use_alpha_weight needs the same crop for image and alpha: set "
+                        "dataset.random_crop = false")
+    return problems
+
+
+class TextualInversionRecipe(Recipe):
+    name = "textual_inversion"
+    config_class = TIRunConfig
+    path_keys = (("embedding", "resume", "file"),)
+
+    def environment_problems(self, data: dict) -> list[str]:
+        from library.data.prompts import template_problem
+        from library.models.clip_tokenizer import TokenizerUnavailable, build_clip_tokenizer
+        from library.networks.embedding_names import vocabulary_problem
+        from library.training.schedules import A1111Schedule
+
+        problems = []
+        name, vectors = value_of(data, "embedding", "name", str), value_of(data, "embedding", "vectors", int, 1)
+        if name and name_problem(name) is None:
+            try:  # checked again against the model's own tokenizer when it loads
+                if problem := vocabulary_problem(build_clip_tokenizer(), name, vectors):
+                    problems.append(problem)
+            except TokenizerUnavailable:
+                pass
+        template = table(data, "embedding").get("template", "subject_filewords")
+        if isinstance(template, (str, list)) and (problem := template_problem(template)):
+            problems.append(problem)
+        rate = table(data, "embedding").get("learn_rate", "")
+        rate = str(rate) if isinstance(rate, (int, float)) and not isinstance(rate, bool) else rate
+        if isinstance(rate, str) and rate.strip():
+            try:
+                A1111Schedule(rate, value_of(data, "train", "max_steps", int) or 10**9)
+            except ValueError as err:
+                problems.append(f"embedding.learn_rate: {err}")
+        return problems
+
+    def text_encoder_trained_by(self, config: TIRunConfig) -> str | None:
+        return None  # the encoder's weights never change; caching is refused by the config's own rule
+
+    def latent_draw(self, config: TIRunConfig, cached: bool) -> str:
+        return config.embedding.latent_sampling_method
+
+    def adjust_plan(self, config: TIRunConfig, plan) -> PlanChange:
+        """An A1111 schedule string replaces the scheduler and ends training at its last explicit step."""
+        from library.training.schedules import A1111Schedule
+
+        text = config.embedding.learn_rate
+        if not text.strip():
+            return PlanChange(plan)
+        schedule, notes = A1111Schedule(text, plan.total_steps), []
+        if schedule.last_step < plan.total_steps:
+            total = schedule.last_step
+            notes.append(f"note: the learning-rate schedule ends at step {total}, before the planned "
+                         f"{plan.total_steps}: training stops there")
+            plan = dataclasses.replace(plan, total_steps=total, epochs=math.ceil(total / plan.steps_per_epoch))
+        if schedule.ignored:
+            notes.append(f"note: learning-rate schedule entries after the last step are ignored: "
+                         f"{', '.join(schedule.ignored)}")
+        return PlanChange(plan, text, tuple(notes))
+
+    def build(self, parts, run) -> Built | None:
+        # imported here: they pull in torch and diffusers, which --help/--check do not need
+        from library.data.folders import CaptionOptions
+        from library.data.prompts import PromptedData, template_lines
+        from library.networks.embedding_names import expand_name
+        from library.networks.embedding_trainable import EmbeddingTrainable
+        from library.networks.embeddings import add_tokens, init_vectors
+        from library.recipes.a1111_log import A1111Log
+
+        config: TIRunConfig = run.config
+        emb, ds = config.embedding, config.dataset
+        dim = parts.text_encoder.get_input_embeddings().weight.shape[1]
+        resumed = _resumed_embedding(config, dim)
+        step = resumed.step or 0 if resumed else 0
+        if step >= run.plan.total_steps:
+            print(f"{emb.resume} was already trained for {step} steps, at or beyond this run's "
+                  f"{run.plan.total_steps}: nothing to train; raise train.max_steps (or the schedule's last step) "
+                  "to continue")
+            return None
+        if resumed:
+            start, vectors, origin = _start_point(config, resumed, run.plan), resumed.vectors, f"{emb.resume} (step {step})"
+        else:
+            start = None
+            vectors, origin = init_vectors(parts.tokenizer, parts.text_encoder, emb.init_text, emb.vectors)
+        ids = add_tokens(parts.tokenizer, parts.text_encoder, emb.name, emb.vectors)
+        lr = _first_rate(run.lr_schedule, step, run.plan.total_steps) or config.optimizer.lr
+        trainable = EmbeddingTrainable(parts, emb.name, vectors, ids, lr, emb.format, run.save_dtype)
+        lines = template_lines(emb.template)
+        options = CaptionOptions(ds.caption_prefix, ds.caption_suffix, emb.shuffle_tags, ds.keep_tokens,
+                                 ds.caption_dropout_rate, emb.tag_dropout)
+        latent_factor = 2 ** (len(parts.vae.config.block_out_channels) - 1)
+        prompted = PromptedData(run.data, lines, emb.name, emb.vectors, options, emb.use_alpha_weight, latent_factor)
+        if not prompted.name_reaches_prompts():
+            raise ValueError(f"no training prompt contains the embedding: no line of embedding.template has [name] "
+                             f"and no caption mentions {emb.name!r}; use a template with [name], such as "
+                             "subject_filewords or \"[name], [filewords]\"")
+        hooks = A1111Log(config, trainable, run.plan)
+        described = _describe(config, dim, origin, lines) + [f"A1111 log folder: {hooks.folder}"]
+        return Built(trainable, hooks, start, prompted, described,
+                     lambda text: expand_name(text, emb.name, emb.vectors))
+
+
+def _resumed_embedding(config: TIRunConfig, dim: int):
+    """embedding.resume's Embedding (checked against the model's width), or None for a fresh start."""
+    from library.networks.embeddings import load_embedding
+
+    emb = config.embedding
+    if not emb.resume:
+        return None
+    embedding = load_embedding(emb.resume)
+    if tuple(embedding.vectors.shape) != (emb.vectors, dim):
+        raise ValueError(f"embedding.resume: {emb.resume} holds vectors of shape {tuple(embedding.vectors.shape)}, "
+                         f"but this run trains {emb.vectors} vector(s) of width {dim} for this model; set "
+                         f"embedding.vectors = {embedding.vectors.shape[0]} or pick the matching model")
+    if embedding.step is None:
+        print(f"note: {emb.resume} does not record its step; continuing from step 0")
+    return embedding
+
+
+def _start_point(config: TIRunConfig, resumed, plan):
+    """Continue a resumed embedding at its step, with the optimizer state of its `.optim` file when that file
+    belongs to it (A1111's checksum) and to this optimizer."""
+    from library.networks.embeddings import load_optimizer_state
+    from library.training.checkpoints import Progress
+    from library.training.optimizers import canonical_optimizer_name
+    from library.training.trainable import StartPoint
+
+    step = resumed.step or 0
+    state, message = load_optimizer_state(Path(config.embedding.resume), resumed.vectors,
+                                          canonical_optimizer_name(config.optimizer.name))
+    print(message)
+    per_epoch = plan.steps_per_epoch
+    return StartPoint(Progress(step, step // per_epoch, (step % per_epoch) * plan.accumulation), state)
+
+
+def _first_rate(schedule: str | None, step: int, total_steps: int) -> float | None:
+    from library.training.schedules import A1111Schedule
+
+    return A1111Schedule(schedule, total_steps, step).rate_at(step) if schedule else None
+
+
+def _describe(config: TIRunConfig, dim: int, origin: str, lines: list[str]) -> list[str]:
+    from library.networks.embedding_names import token_names
+
+    emb, opt = config.embedding, config.optimizer
+    rate = f"A1111 schedule {emb.learn_rate!r}" if emb.learn_rate.strip() else f"{opt.lr:g} ({opt.scheduler})"
+    described = [
+        f"embedding: {emb.name!r}, {emb.vectors} vector(s) x {dim} = {emb.vectors * dim:,} trained values; "
+        f"prompts use the tokens: {' '.join(token_names(emb.name, emb.vectors))}",
+        f"start: {origin}",
+        f"template: {len(lines)} line(s), e.g. {lines[0]!r}; latent sampling: {emb.latent_sampling_method}"
+        + ("; PNG alpha weighs the loss" if emb.use_alpha_weight else ""),
+        f"learning rate: {rate}",
+    ]
+    if config.save.name != emb.name:
+        described.append(f"note: files are named {config.save.name!r}; A1111 takes the trigger word from the file "
+                         f"name, so there the trigger is {config.save.name!r}, not {emb.name!r}")
+    return described
+
+
+RECIPE = TextualInversionRecipe()

@@ -1,0 +1,39 @@
+"""A run with every config key resolved once (library/recipes/resolve.py builds it): what the loop trains on,
+for how long, where latents come from, the warmup, dtypes and device. Modules downstream read these values,
+not the raw keys they came from."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from library.config.schema import RunConfig
+from library.data.batches import TrainingData
+from library.data.folders import DatasetScan
+from library.training.plan import TrainingPlan
+
+
+@dataclass
+class ResolvedRun:
+    config: RunConfig  # paths resolved; read directly only for keys no other step interprets
+    scan: DatasetScan
+    data: TrainingData
+    plan: TrainingPlan
+    latent_mode: str  # "memory" | "disk" | "off" (dataset.cache_latents)
+    latent_draw: str  # see library/data/sources.py LATENT_DRAWS
+    cache_dir: Path | None  # the disk latent cache folder, for latent_mode "disk"
+    warmup_steps: int  # optimizer.warmup_steps or warmup_ratio × total steps
+    lr_schedule: str | None  # an A1111 schedule string that replaces optimizer.scheduler, or None
+    device: torch.device
+    weight_dtype: torch.dtype  # compute dtype of the frozen weights (train.mixed_precision)
+    save_dtype: torch.dtype  # save.precision
+    cache_text_encoder_outputs: bool
+    notes: list[str] = field(default_factory=list)  # lines for the dataset summary
+
+    def run_shape(self) -> dict:
+        """What a resumed run must share with this one for its data order and schedule to continue exactly."""
+        train = self.config.train
+        return {"total_steps": self.plan.total_steps, "seed": train.seed, "batch_size": train.batch_size,
+                "gradient_accumulation_steps": train.gradient_accumulation_steps,
+                "batches_per_epoch": self.plan.batches_per_epoch, "samples_per_epoch": self.plan.samples_per_epoch}
