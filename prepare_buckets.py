@@ -24,7 +24,8 @@ from pydantic import ConfigDict  # noqa: E402
 from library.config.loading import ConfigError, load_config  # noqa: E402
 from library.config.schema import DatasetSection, ModelSection, Section  # noqa: E402
 from library.data.buckets import assign_buckets, square_assignment  # noqa: E402
-from library.data.folders import DatasetError, balance_reg_items  # noqa: E402
+from library.data.errors import DatasetError  # noqa: E402
+from library.data.folders import balance_reg_items  # noqa: E402
 from library.data.latent_cache import DiskLatentCache, LatentEntry  # noqa: E402
 from library.recipes.checks import environment_problems  # noqa: E402
 from library.recipes.resolve import bucket_settings, latent_cache_dir, scan_dataset  # noqa: E402

@@ -11,7 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
-from library.data.folders import CaptionOptions, ImageItem, expand_samples, process_caption
+from library.data.captions import CaptionOptions, process_caption
+from library.data.folders import ImageItem, expand_samples
 from library.data.images import load_image, resize_and_crop, to_tensor
 
 

@@ -16,7 +16,6 @@ from pathlib import Path
 
 from PIL import Image
 
-from library.config.schema import DatasetSection
 from library.data.folders import ImageItem
 
 Size = tuple[int, int]  # (width, height) in pixels
@@ -51,21 +50,6 @@ def auto_bucket_range(resolution: int, step: int, min_reso: int = 0, max_reso: i
     if not max_reso:
         max_reso = max(min_reso, resolution * 2 // step * step)
     return min_reso, max_reso
-
-
-def bucket_settings(ds: DatasetSection) -> BucketSettings:
-    """The bucket settings of a [dataset] section, automatic min/max resolved."""
-    low, high = auto_bucket_range(ds.resolution, ds.bucket_reso_steps, ds.min_bucket_reso, ds.max_bucket_reso)
-    return BucketSettings(ds.resolution, low, high, ds.bucket_reso_steps, ds.bucket_no_upscale)
-
-
-def ignored_bucket_keys(ds: DatasetSection) -> list[str]:
-    """Bucket keys set in a config whose enable_buckets is false (reported, never silently ignored)."""
-    if ds.enable_buckets:
-        return []
-    defaults = DatasetSection.model_fields
-    keys = ("min_bucket_reso", "max_bucket_reso", "bucket_reso_steps", "bucket_no_upscale")
-    return [f"dataset.{k}" for k in keys if getattr(ds, k) != defaults[k].default]
 
 
 def bucket_resolutions(resolution: int, min_reso: int, max_reso: int, step: int) -> list[Size]:

@@ -7,33 +7,20 @@ Problems are collected and reported together, each naming the file or folder and
 from __future__ import annotations
 
 import os
-import random
 import re
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from library.data.captions import COMMON_CAPTION_EXTENSIONS, read_caption
+from library.data.errors import DatasetError
 from library.data.images import IMAGE_EXTENSIONS, image_problem
 
-# Caption extensions people's tools write; used to spot captions the configured extension does not match.
-COMMON_CAPTION_EXTENSIONS = (".txt", ".caption", ".cap", ".tags")
 # Image formats we do not read, named in notes so they are never skipped silently.
 _UNSUPPORTED_IMAGE_EXTENSIONS = (".gif", ".tif", ".tiff", ".avif", ".heic", ".heif", ".jxl", ".psd", ".svg")
 _LIST_LIMIT = 10
 _FOLDER_NAME = re.compile(r"^(\d+)_(.*)$", re.DOTALL)
-
-
-class DatasetError(ValueError):
-    """One or more dataset problems; each message names the path and what to do."""
-
-    def __init__(self, problems: str | list[str]):
-        self.problems = [problems] if isinstance(problems, str) else list(problems)
-        if len(self.problems) == 1:
-            text = self.problems[0]
-        else:
-            text = f"{len(self.problems)} dataset problems:\n" + "\n".join(f"- {p}" for p in self.problems)
-        super().__init__(text)
 
 
 @dataclass(frozen=True)
@@ -201,26 +188,6 @@ def subsets_from_folder(root: Path, is_reg: bool = False, caption_extension: str
 
 def _normalise_extension(ext: str) -> str:
     return ext if ext.startswith(".") else "." + ext
-
-
-def _decode_caption(path: Path, data: bytes) -> str:
-    """Decode caption bytes the same way on every OS: UTF-8 (BOM allowed), or UTF-16 when it carries a BOM."""
-    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
-        return data.decode("utf-16")  # Windows Notepad's "Unicode" encoding
-    try:
-        return data.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        raise DatasetError(
-            f"caption {path} is not valid UTF-8 (byte 0x{data[exc.start]:02x} at position {exc.start}); "
-            "re-save it as UTF-8 (e.g. Notepad: Save As -> Encoding: UTF-8)"
-        ) from None
-
-
-def read_caption(path: Path) -> str:
-    """Caption text of `path`: decoded, lines stripped and joined with ", " (empty lines dropped)."""
-    text = _decode_caption(path, path.read_bytes())
-    lines = [line.strip() for line in text.splitlines()]
-    return ", ".join(line for line in lines if line)
 
 
 @dataclass
@@ -409,41 +376,6 @@ def reg_balance_message(num_train_samples: int, reg_items: list[ImageItem]) -> s
                 "so each epoch shows more reg than train samples (lower reg repeats or use fewer reg images "
                 "to change this)")
     return f"reg images: {reg_samples} samples, the same as the train samples"
-
-
-@dataclass(frozen=True)
-class CaptionOptions:
-    prefix: str = ""
-    suffix: str = ""
-    shuffle: bool = False
-    keep_tokens: int = 0
-    dropout_rate: float = 0.0
-    tag_dropout_rate: float = 0.0
-    separator: str = ","
-
-
-def _join(*parts: str) -> str:
-    return ", ".join(part for part in parts if part)
-
-
-def process_caption(caption: str, opts: CaptionOptions, rng: random.Random) -> str:
-    """Per-sample caption: prefix/suffix -> whole-caption dropout -> split on the separator -> keep the first
-    `keep_tokens` tags (prefix tags count, as in kohya) -> shuffle the rest -> per-tag dropout on the rest ->
-    join with ", ". Empty tags are removed. `rng` is only drawn from for enabled random steps."""
-    if not opts.separator:
-        raise ValueError("caption separator must not be empty")
-    caption = _join(opts.prefix.strip(), caption.strip(), opts.suffix.strip())
-    if opts.dropout_rate > 0 and rng.random() < opts.dropout_rate:
-        return ""
-    tags = [tag.strip() for tag in caption.split(opts.separator)]
-    tags = [tag for tag in tags if tag]
-    keep = max(0, opts.keep_tokens)
-    fixed, rest = tags[:keep], tags[keep:]
-    if opts.shuffle:
-        rng.shuffle(rest)
-    if opts.tag_dropout_rate > 0:
-        rest = [tag for tag in rest if rng.random() >= opts.tag_dropout_rate]
-    return ", ".join(fixed + rest)
 
 
 def expand_samples(items: list[ImageItem]) -> list[int]:

@@ -69,14 +69,6 @@ def default_cache_dir(train_dir: str, subset_dirs: Iterable[str]) -> Path:
     raise ValueError("dataset: no train_dir or subsets to place the latent cache beside; set dataset.cache_dir")
 
 
-def cache_dir_for(ds) -> Path:
-    """dataset.cache_dir, or the default beside the images (`ds` is a config DatasetSection)."""
-    if ds.cache_dir:
-        return Path(ds.cache_dir).expanduser()
-    return default_cache_dir(ds.train_dir, [s.image_dir for s in ds.subsets if not s.is_reg] +
-                             [s.image_dir for s in ds.subsets])
-
-
 def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:

@@ -12,7 +12,7 @@ import torch
 from PIL import Image, ImageOps
 
 from library.data.batches import Batch, TrainingData, derived_rng
-from library.data.folders import CaptionOptions, process_caption
+from library.data.captions import CaptionOptions, process_caption
 from library.data.images import load_alpha, resize_and_crop
 from library.networks.embedding_names import expand_name
 

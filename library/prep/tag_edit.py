@@ -17,7 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from library.atomic import write_text_atomically
-from library.data.folders import COMMON_CAPTION_EXTENSIONS, DatasetError, read_caption
+from library.data.captions import COMMON_CAPTION_EXTENSIONS, read_caption
+from library.data.errors import DatasetError
 from library.data.images import IMAGE_EXTENSIONS
 
 BACKUP_FOLDER = ".caption_backups"

@@ -8,8 +8,9 @@ from pathlib import Path
 from library.config.schema import DatasetSection, RunConfig
 from library.data.batches import TrainingData
 from library.data.buckets import BucketSettings, assign_buckets, auto_bucket_range
-from library.data.folders import (CaptionOptions, DatasetError, DatasetScan, Subset, balance_reg_items,
-                                  reg_balance_message, scan_subsets, subsets_from_folder)
+from library.data.captions import CaptionOptions
+from library.data.errors import DatasetError
+from library.data.folders import (DatasetScan, Subset, balance_reg_items, reg_balance_message, scan_subsets, subsets_from_folder)
 from library.data.latent_cache import default_cache_dir
 from library.recipes.base import Recipe
 from library.training.device import SAVE_DTYPES, WEIGHT_DTYPES, resolve_device

@@ -105,7 +105,7 @@ class ModelLoader:
 def prepare(recipe: "Recipe", args: argparse.Namespace) -> tuple["ResolvedRun", ModelLoader] | None:
     """Validate, check and resolve; print the summary. None when --check/--print-config asked to stop here."""
     from library.config.loading import ConfigError, config_to_toml
-    from library.data.folders import DatasetError
+    from library.data.errors import DatasetError
     from library.recipes.resolve import resolve
 
     try:

@@ -169,7 +169,7 @@ class TextualInversionRecipe(Recipe):
 
     def build(self, parts, run) -> Built | None:
         # imported here: they pull in torch and diffusers, which --help/--check do not need
-        from library.data.folders import CaptionOptions
+        from library.data.captions import CaptionOptions
         from library.data.prompts import PromptedData, template_lines
         from library.networks.embedding_names import expand_name
         from library.networks.embedding_trainable import EmbeddingTrainable

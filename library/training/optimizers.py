@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from library.quiet import silenced
+from library.registry import name_problem
 
 OPTIMIZER_NAMES: tuple[str, ...] = (
     "AdamW", "AdamW8bit", "Lion", "DAdaptAdam", "Adafactor", "Prodigy", "SGDNesterov",
@@ -55,13 +56,7 @@ _LOOKUP: dict[str, str] = {_normalise(n): n for n in OPTIMIZER_NAMES} | _ALIASES
 def optimizer_name_problem(name: str) -> str | None:
     """None when `name` is a known optimizer (case/underscore-insensitive, common aliases too);
     otherwise a one-line message with a "did you mean" suggestion."""
-    if not isinstance(name, str) or not name.strip():
-        return f"optimizer name is empty; choose one of: {', '.join(OPTIMIZER_NAMES)}"
-    if _normalise(name) in _LOOKUP:
-        return None
-    close = difflib.get_close_matches(_normalise(name), list(_LOOKUP), n=1, cutoff=0.5)
-    hint = f"did you mean '{_LOOKUP[close[0]]}'? " if close else ""
-    return f"unknown optimizer '{name}'; {hint}choose one of: {', '.join(OPTIMIZER_NAMES)}"
+    return name_problem("optimizer", name, _LOOKUP, _normalise, OPTIMIZER_NAMES)
 
 
 def canonical_optimizer_name(name: str) -> str:

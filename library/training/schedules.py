@@ -8,7 +8,6 @@ scheduler.step() after every optimizer.step().
 
 from __future__ import annotations
 
-import difflib
 import importlib
 import math
 from dataclasses import dataclass
@@ -17,6 +16,7 @@ import torch
 from torch.optim.lr_scheduler import LambdaLR, LRScheduler
 
 from library.quiet import silenced
+from library.registry import name_problem
 
 SCHEDULER_NAMES: tuple[str, ...] = (
     "constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial",
@@ -29,13 +29,7 @@ def _normalise(name: str) -> str:
 
 def scheduler_name_problem(name: str) -> str | None:
     """None when `name` is a known scheduler (case-insensitive, '-' or '_'); else a did-you-mean message."""
-    if not isinstance(name, str) or not name.strip():
-        return f"lr scheduler name is empty; choose one of: {', '.join(SCHEDULER_NAMES)}"
-    if _normalise(name) in SCHEDULER_NAMES:
-        return None
-    close = difflib.get_close_matches(_normalise(name), SCHEDULER_NAMES, n=1, cutoff=0.5)
-    hint = f"did you mean '{close[0]}'? " if close else ""
-    return f"unknown lr scheduler '{name}'; {hint}choose one of: {', '.join(SCHEDULER_NAMES)}"
+    return name_problem("lr scheduler", name, {n: n for n in SCHEDULER_NAMES}, _normalise, SCHEDULER_NAMES)
 
 
 def canonical_scheduler_name(name: str) -> str:

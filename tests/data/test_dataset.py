@@ -11,22 +11,12 @@ import pytest
 import torch
 from PIL import Image
 
-from library.data.folders import (
-    CaptionOptions,
-    DatasetError,
-    ImageItem,
-    Subset,
-    balance_reg_items,
-    expand_samples,
-    parse_folder_name,
-    process_caption,
-    reg_balance_message,
-    scan_subsets,
-    subsets_from_folder,
-)
+from library.data.captions import CaptionOptions, process_caption
+from library.data.errors import DatasetError
+from library.data.folders import (ImageItem, Subset, balance_reg_items, expand_samples, parse_folder_name, reg_balance_message, scan_subsets, subsets_from_folder)
 from library.data.images import image_problem, load_alpha, load_image, resize_and_crop, to_tensor
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 SAMPLE = REPO / "examples" / "sample_dataset"
 
 

@@ -18,7 +18,7 @@ from library.models.conditioning import encode_text, tokenize
 from library.models.builtin import build_builtin
 from library.models.loading import load_model
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "tools"))
 import extract_lora  # noqa: E402
 import merge_lora  # noqa: E402

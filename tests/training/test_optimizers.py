@@ -101,7 +101,7 @@ def test_importing_bitsandbytes_and_adafactor_prints_nothing():
         "build_optimizer('AdamW8bit', [{'params': p}], 1e-4, {})\n"
         "build_optimizer('Adafactor', [{'params': p}], 1e-4, {})\n"
     )
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     done = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout == "" and done.stderr == ""

@@ -13,7 +13,7 @@ from library.recipes.lora import RECIPE as LORA
 from library.recipes.textual_inversion import RECIPE as TEXTUAL_INVERSION
 from library.recipes.run import read_config
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 CONFIGS = sorted((REPO / "configs").glob("*.toml"))
 MINIMAL = """
 [model]

@@ -13,7 +13,7 @@ import train_lora
 from library.models.builtin import build_builtin
 from library.models.single_file import save_single_file
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 SAMPLES = REPO / "examples" / "sample_dataset"
 
 

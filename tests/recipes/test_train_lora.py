@@ -14,7 +14,7 @@ from library.models.builtin import build_builtin
 from library.training.trainer import Trainer
 from tests.helpers import training_set_loss
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 SAMPLES = REPO / "examples" / "sample_dataset" / "train"
 
 

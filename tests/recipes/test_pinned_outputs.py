@@ -1,7 +1,7 @@
 """Fixed-seed runs of every trainer write the same tensors, release after release.
 
 Each case trains a few steps on the built-in tiny model and compares the saved tensors with numbers pinned
-in tests/data/pinned_outputs.json. Two levels:
+in tests/fixtures/pinned_outputs.json. Two levels:
 - always: per-tensor L2 norm, absolute sum and a projection on a fixed random direction, to a relative
   tolerance of 1e-4 (a changed seed, data order, loss or default moves them by far more; a CPU whose
   kernels round differently does not);
@@ -22,9 +22,9 @@ import train_dreambooth
 import train_lora
 import train_textual_inversion
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 SAMPLES = REPO / "examples" / "sample_dataset" / "train"
-PINS = REPO / "tests" / "data" / "pinned_outputs.json"
+PINS = REPO / "tests" / "fixtures" / "pinned_outputs.json"
 RELATIVE_TOLERANCE = 1e-4
 
 COMMON = """

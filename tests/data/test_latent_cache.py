@@ -13,14 +13,15 @@ import prepare_buckets
 import train_lora
 from library.models.conditioning import encode_text, tokenize
 from library.config.loading import ConfigError
-from library.data.folders import CaptionOptions, ImageItem
+from library.data.captions import CaptionOptions
+from library.data.folders import ImageItem
 from library.data.latent_cache import DiskLatentCache, LatentEntry, vae_identity
 from library.models.builtin import build_builtin
 from library.data.batches import Batch, TrainingData
 from library.data.sources import ConditioningSource, LatentSource
 from library.recipes.lora import RECIPE as LORA
 from library.recipes.run import read_config
-from tests.test_buckets import bucket_config
+from tests.data.test_buckets import bucket_config
 
 
 @pytest.fixture

@@ -21,7 +21,7 @@ from library.models.diffusers_folder import save_diffusers
 from library.recipes.dreambooth import RECIPE as DREAMBOOTH
 from library.recipes.run import read_config
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 SAMPLES = REPO / "examples" / "sample_dataset"
 
 

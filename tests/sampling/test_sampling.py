@@ -10,7 +10,7 @@ import train_lora
 from library.models.builtin import build_builtin
 from library.sampling.prompt_file import PromptError, canonical_sampler, parse_prompt_line, parse_prompt_lines
 from library.sampling.preview import SampleSpec, decode_latents, generate
-from tests.test_train_lora import config_text
+from tests.recipes.test_train_lora import config_text
 
 
 def test_prompt_line_with_every_option_parses():
@@ -109,7 +109,7 @@ def test_textual_inversion_and_dreambooth_write_previews(tmp_path):
     """The [sample] section works in every trainer; in TI the embedding's name is spelled out for the prompt."""
     import train_dreambooth
     import train_textual_inversion
-    from tests import test_dreambooth, test_train_ti
+    from tests.recipes import test_dreambooth, test_train_ti
 
     ti_dir, db_dir = tmp_path / "ti", tmp_path / "db"
     ti_dir.mkdir(), db_dir.mkdir()

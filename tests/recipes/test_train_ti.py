@@ -21,7 +21,8 @@ from library.models.clip_tokenizer import build_clip_tokenizer
 from library.models.families.sd import SD2
 from library.config.loading import ConfigError, config_to_toml
 from library.recipes.textual_inversion import TIRunConfig
-from library.data.folders import CaptionOptions, ImageItem
+from library.data.captions import CaptionOptions
+from library.data.folders import ImageItem
 from library.training.loss import per_sample_loss
 from library.networks.embeddings import add_tokens, init_vectors, load_embedding, read_png_embedding
 from library.networks.embedding_names import expand_name
@@ -36,7 +37,7 @@ from library.data.batches import TrainingData
 from library.recipes.textual_inversion import RECIPE as TEXTUAL_INVERSION
 from library.recipes.run import read_config
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 SAMPLES = REPO / "examples" / "sample_dataset" / "train"
 TODAY = datetime.date.today().isoformat()
 

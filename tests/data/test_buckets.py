@@ -11,7 +11,8 @@ import train_lora
 from library.data.buckets import (BucketSettings, assign_buckets, auto_bucket_range, bucket_resolutions, closest_bucket,
                              no_upscale_bucket, upright_size)
 from library.config.loading import ConfigError
-from library.data.folders import CaptionOptions, ImageItem
+from library.data.captions import CaptionOptions
+from library.data.folders import ImageItem
 from library.data.sources import LatentSource
 from library.data.batches import TrainingData
 from library.recipes.lora import RECIPE as LORA

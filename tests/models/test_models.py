@@ -31,7 +31,7 @@ from library.models.loading import load_model
 from library.models.diffusers_folder import save_diffusers
 from library.models.single_file import save_single_file
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 FAMILY = {"tiny-sd15": "sd1", "tiny-sd2": "sd2"}
 
 

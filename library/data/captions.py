@@ -1,0 +1,67 @@
+"""Caption files and per-sample caption processing: decoding the same way on every OS, and kohya's order of
+prefix/suffix, dropout, keep_tokens, shuffle and tag dropout."""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+from library.data.errors import DatasetError
+
+# Caption extensions people's tools write; used to spot captions the configured extension does not match.
+COMMON_CAPTION_EXTENSIONS = (".txt", ".caption", ".cap", ".tags")
+
+
+def _decode_caption(path: Path, data: bytes) -> str:
+    """Decode caption bytes the same way on every OS: UTF-8 (BOM allowed), or UTF-16 when it carries a BOM."""
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        return data.decode("utf-16")  # Windows Notepad's "Unicode" encoding
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise DatasetError(
+            f"caption {path} is not valid UTF-8 (byte 0x{data[exc.start]:02x} at position {exc.start}); "
+            "re-save it as UTF-8 (e.g. Notepad: Save As -> Encoding: UTF-8)"
+        ) from None
+
+
+def read_caption(path: Path) -> str:
+    """Caption text of `path`: decoded, lines stripped and joined with ", " (empty lines dropped)."""
+    text = _decode_caption(path, path.read_bytes())
+    lines = [line.strip() for line in text.splitlines()]
+    return ", ".join(line for line in lines if line)
+
+
+@dataclass(frozen=True)
+class CaptionOptions:
+    prefix: str = ""
+    suffix: str = ""
+    shuffle: bool = False
+    keep_tokens: int = 0
+    dropout_rate: float = 0.0
+    tag_dropout_rate: float = 0.0
+    separator: str = ","
+
+
+def _join(*parts: str) -> str:
+    return ", ".join(part for part in parts if part)
+
+
+def process_caption(caption: str, opts: CaptionOptions, rng: random.Random) -> str:
+    """Per-sample caption: prefix/suffix -> whole-caption dropout -> split on the separator -> keep the first
+    `keep_tokens` tags (prefix tags count, as in kohya) -> shuffle the rest -> per-tag dropout on the rest ->
+    join with ", ". Empty tags are removed. `rng` is only drawn from for enabled random steps."""
+    if not opts.separator:
+        raise ValueError("caption separator must not be empty")
+    caption = _join(opts.prefix.strip(), caption.strip(), opts.suffix.strip())
+    if opts.dropout_rate > 0 and rng.random() < opts.dropout_rate:
+        return ""
+    tags = [tag.strip() for tag in caption.split(opts.separator)]
+    tags = [tag for tag in tags if tag]
+    keep = max(0, opts.keep_tokens)
+    fixed, rest = tags[:keep], tags[keep:]
+    if opts.shuffle:
+        rng.shuffle(rest)
+    if opts.tag_dropout_rate > 0:
+        rest = [tag for tag in rest if rng.random() >= opts.tag_dropout_rate]
+    return ", ".join(fixed + rest)
