@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Benchmark the disk latent cache: images/s when encoding, and the cost of a second run (hash the images,
 hash the VAE, check the files: no VAE work), on the built-in tiny model and on a full-size SD1.5 VAE
-(library/model_configs/sd1/vae, random weights: speed does not depend on the weights) at 512 px.
+(library/models/model_configs/sd1/vae, random weights: speed does not depend on the weights) at 512 px.
 
     python bench/bench_cache.py [--tiny-images 32] [--sd-images 4] [--threads 2] [--device cpu] [--workers 0]
 

@@ -34,7 +34,7 @@ if str(REPO) not in sys.path:
 SAMPLES = REPO / "examples" / "sample_dataset" / "train"
 MODELS = {
     "tiny": "built-in tiny-sd15 (builtin:tiny-sd15)",
-    "sd15": "full-size SD1.5 architecture (library/model_configs/sd1), seeded random weights",
+    "sd15": "full-size SD1.5 architecture (library/models/model_configs/sd1), seeded random weights",
 }
 SD15_SEED = 1234
 

@@ -29,3 +29,35 @@ def training_set_loss(parts, train_dir: Path, prompt: Callable[[str], str] = str
         conditioning = encode_text(parts.text_encoder, tokenize(parts.tokenizer, prompts))
     return fixed_denoising_loss(parts.unet, parts.noise_scheduler, latents, conditioning, parts.v_prediction,
                                 timesteps=TIMESTEPS, seed=123)
+
+
+SAMPLES = Path(__file__).resolve().parents[1] / "examples" / "sample_dataset" / "train"
+
+
+def write_run_config(tmp: Path, body: str, train: Path | None = None) -> Path:
+    """A config on the built-in tiny model and a copy of the bundled sample images, with `body` (TOML sections
+    after [model]; "{train}" and "{tmp}" are filled in). Sections the body leaves out get test defaults."""
+    import shutil
+
+    if train is None:
+        train = tmp / "train"
+        if not train.exists():
+            shutil.copytree(SAMPLES, train)
+    text = body.replace("{train}", train.as_posix()).replace("{tmp}", tmp.as_posix())
+    defaults = {"[dataset]": f'[dataset]\ntrain_dir = "{train.as_posix()}"\nresolution = 64\n',
+                "[train]": "[train]\nmax_steps = 4\nbatch_size = 2\nseed = 3\n",
+                "[save]": f'[save]\noutput_dir = "{(tmp / "out").as_posix()}"\nname = "t"\n',
+                "[logging]": f'[logging]\nlog_dir = "{(tmp / "logs").as_posix()}"\n'}
+    extra = "".join(block for header, block in defaults.items() if header not in text)
+    path = tmp / "run.toml"
+    path.write_text('[model]\npath = "builtin:tiny-sd15"\n' + extra + text, encoding="utf-8")
+    return path
+
+
+def resolved_run(recipe, tmp: Path, body: str = "", overrides: tuple[str, ...] = ()):
+    """(config, ResolvedRun) through the run step users go through, without loading a model."""
+    from library.recipes.resolve import resolve
+    from library.recipes.run import read_config
+
+    config = read_config(write_run_config(tmp, body), list(overrides), recipe)
+    return config, resolve(config, recipe)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -83,8 +84,10 @@ class Trainer:
             return a1111_lambda_scheduler(optimizer, A1111Schedule(self.run.lr_schedule, total, start))
         scheduler = build_scheduler(optimizer, opt.scheduler, total, self.run.warmup_steps, opt.num_cycles,
                                     opt.power, relative_step=uses_relative_step(opt.name, opt.args))
-        for _ in range(start):  # a run that starts mid-schedule (an embedding continued from its step)
-            scheduler.step()
+        with warnings.catch_warnings():  # "scheduler.step() before optimizer.step()": intended here
+            warnings.simplefilter("ignore")
+            for _ in range(start):  # a run that starts mid-schedule (an embedding continued from its step)
+                scheduler.step()
         return scheduler
 
     def _setup(self) -> LoopParts:
