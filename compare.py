@@ -15,13 +15,9 @@ import sys
 import tomllib
 from pathlib import Path
 
-from library.quiet import quiet_libraries
-
-quiet_libraries()  # before the imports below pull in diffusers and transformers
-
-from library.sampling.compare import AXIS_KINDS, CompareError, Settings, parse_axis, render  # noqa: E402
-from library.sampling.prompt_file import canonical_sampler  # noqa: E402
-from library.recipes.run import fail  # noqa: E402
+from library.cli import run_main
+from library.sampling.compare_axes import AXIS_KINDS, CompareError, Settings, parse_axis
+from library.sampling.prompt_file import canonical_sampler
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -38,7 +34,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--multiplier", type=float, default=1.0)
     parser.add_argument("--embedding", default="", help="an embedding loaded for every cell")
     parser.add_argument("--token", default="", help="the word embeddings load as (default: the file's name)")
-    parser.add_argument("--width", type=int, default=0, help="default: the config's resolution, else 512")
+    parser.add_argument("--width", type=int, default=0, help="default: the model's native size (512 for SD1.5)")
     parser.add_argument("--height", type=int, default=0)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--cfg", type=float, default=7.0)
@@ -56,10 +52,10 @@ def base_from_config(path: str) -> dict:
     try:
         data = tomllib.loads(config.read_text(encoding="utf-8-sig"))
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as err:
-        fail(f"--config {path}: cannot read it as TOML ({err})")
+        raise CompareError(f"--config {path}: cannot read it as TOML ({err})") from None
     model = data.get("model", {})
     if not isinstance(model, dict) or not model.get("path"):
-        fail(f"--config {path}: it has no model.path; give the base model with --model instead")
+        raise CompareError(f"--config {path}: it has no model.path; give the base model with --model instead")
     model_path = str(model["path"])
     if not model_path.startswith("builtin:") and not Path(model_path).expanduser().exists():
         beside = config.parent / model_path  # presets name models relative to themselves
@@ -67,28 +63,31 @@ def base_from_config(path: str) -> dict:
     v_param = model.get("v_parameterization", "auto")
     return {"model": model_path, "clip_skip": int(model.get("clip_skip", 1)),
             "v_parameterization": None if v_param == "auto" else bool(v_param),
-            "config_dir": str(model.get("config_dir", "")),
-            "resolution": int(data.get("dataset", {}).get("resolution", 512))}
+            "config_dir": str(model.get("config_dir", ""))}
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The command line: returns its exit code (2 for a problem with the arguments, files or settings)."""
+    return run_main(_main, argv)
+
+
+def _main(argv: list[str] | None) -> int:
     args = parse_args(argv)
-    found = base_from_config(args.config) if args.config else {"model": args.model, "resolution": 512}
-    size = found.pop("resolution")
-    try:
-        base = Settings(prompt=args.prompt, negative_prompt=args.negative, width=args.width or size,
-                        height=args.height or size, steps=args.steps, cfg=args.cfg, seed=args.seed,
-                        sampler=canonical_sampler(args.sampler), lora=args.lora, multiplier=args.multiplier,
-                        embedding=args.embedding, token=args.token, **found)
-        if args.clip_skip:
-            base.clip_skip = args.clip_skip
-        axes = [parse_axis(*getattr(args, name)) if getattr(args, name) else None for name in "xyz"]
-        if base.width % 8 or base.height % 8:
-            raise CompareError(f"--width/--height {base.width}x{base.height} must be multiples of 8")
-        grid = render(base, axes, Path(args.output), args.font_size or None)
-    except (CompareError, ValueError) as err:
-        fail(str(err))
-    print(f"grid: {grid}")
+    found = base_from_config(args.config) if args.config else {"model": args.model}
+    base = Settings(prompt=args.prompt, negative_prompt=args.negative, width=args.width, height=args.height,
+                    steps=args.steps, cfg=args.cfg, seed=args.seed, sampler=canonical_sampler(args.sampler),
+                    lora=args.lora, multiplier=args.multiplier, embedding=args.embedding, token=args.token, **found)
+    if args.clip_skip:
+        base.clip_skip = args.clip_skip
+    axes = [parse_axis(*getattr(args, name)) if getattr(args, name) else None for name in "xyz"]
+    if base.width % 8 or base.height % 8:
+        raise CompareError(f"--width/--height {base.width}x{base.height} must be multiples of 8")
+    from library.quiet import quiet_libraries
+
+    quiet_libraries()  # the arguments are good: now load the model libraries, without their banners
+    from library.sampling.compare import render
+
+    print(f"grid: {render(base, axes, Path(args.output), args.font_size or None)}")
     return 0
 
 

@@ -14,22 +14,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from library.quiet import quiet_libraries
+from pydantic import ConfigDict
 
-quiet_libraries()  # before the imports below pull in diffusers and transformers
-
-import torch  # noqa: E402
-from pydantic import ConfigDict  # noqa: E402
-
-from library.config.loading import ConfigError, load_config  # noqa: E402
-from library.config.schema import DatasetSection, ModelSection, Section  # noqa: E402
-from library.data.buckets import assign_buckets, square_assignment  # noqa: E402
-from library.data.errors import DatasetError  # noqa: E402
-from library.data.folders import balance_reg_items  # noqa: E402
-from library.data.latent_cache import DiskLatentCache, LatentEntry  # noqa: E402
-from library.recipes.checks import environment_problems  # noqa: E402
-from library.recipes.resolve import bucket_settings, latent_cache_dir, scan_dataset  # noqa: E402
-from library.recipes.run import fail  # noqa: E402
+from library.cli import run_main
+from library.config.loading import load_config
+from library.config.schema import DatasetSection, ModelSection, Section
 
 
 class PrepareConfig(Section):
@@ -52,16 +41,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The command line: returns its exit code (2 for a problem with the arguments, files or settings)."""
+    return run_main(_main, argv)
+
+
+def _main(argv: list[str] | None) -> int:
     args = parse_args(argv)
-    try:
-        config = load_config(args.config, args.overrides, PrepareConfig, environment=environment_problems)
-    except ConfigError as err:
-        fail(str(err))
+    # imported once the arguments parse: --help answers without loading torch
+    from library.data.buckets import assign_buckets, square_assignment
+    from library.data.folders import balance_reg_items
+    from library.data.latent_cache import DiskLatentCache, LatentEntry
+    from library.recipes.checks import environment_problems
+    from library.recipes.resolve import bucket_settings, latent_cache_dir, scan_dataset
+
+    config = load_config(args.config, args.overrides, PrepareConfig, environment=environment_problems)
     ds = config.dataset
-    try:
-        scan = scan_dataset(ds)
-    except DatasetError as err:
-        fail(str(err))
+    scan = scan_dataset(ds)
     items = scan.train_items + balance_reg_items(scan.num_train_samples(), scan.reg_items)
     if ds.enable_buckets:
         buckets = assign_buckets(items, bucket_settings(ds))
@@ -96,7 +91,12 @@ def main(argv: list[str] | None = None) -> int:
 
 def load_vae(config: PrepareConfig, device: str):
     """The config's VAE in fp32 (as the trainer encodes), on `device`."""
+    import torch
+
     from library.models.loading import load_model
+    from library.quiet import quiet_libraries
+
+    quiet_libraries()
 
     v_param = None if config.model.v_parameterization == "auto" else config.model.v_parameterization
     parts = load_model(config.model.path, v_param, config.model.config_dir or None)

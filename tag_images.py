@@ -17,6 +17,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from library.cli import run_main
 from library.prep import crop
 
 from library.prep import tag_edit
@@ -164,12 +165,13 @@ COMMANDS = {"tag": run_tag, "caption": run_caption, "edit": run_edit, "freq": ru
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The command line: returns its exit code (2 for a problem with the arguments, files or settings)."""
+    return run_main(_main, argv)
+
+
+def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        COMMANDS[args.command](args)
-    except (tagging.TaggingError, tag_edit.TagEditError, crop.PrepareError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    COMMANDS[args.command](args)
     return 0
 
 

@@ -15,18 +15,9 @@ from pathlib import Path
 # tools/ is a subfolder: make `library` importable when run as `python tools/convert_model.py`.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from library.quiet import quiet_libraries  # noqa: E402
+from library.cli import run_main  # noqa: E402
 
-quiet_libraries()  # before torch/diffusers imports print their banners
-
-import torch  # noqa: E402
-
-from library.models.paths import ModelLoadError  # noqa: E402
-from library.models.loading import load_model  # noqa: E402
-from library.models.diffusers_folder import save_diffusers  # noqa: E402
-from library.models.single_file import save_single_file  # noqa: E402
-
-PRECISIONS = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+PRECISIONS = ("fp16", "bf16", "fp32")
 V_CHOICES = {"auto": None, "true": True, "false": False}
 
 
@@ -34,7 +25,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("src", help="model to read")
     parser.add_argument("dst", help="output .safetensors file or diffusers folder")
-    parser.add_argument("--precision", choices=sorted(PRECISIONS),
+    parser.add_argument("--precision", choices=PRECISIONS,
                         help="weight precision to write (default: fp16 for .safetensors, fp32 for folders)")
     parser.add_argument("--v-parameterization", choices=sorted(V_CHOICES), default="auto",
                         help="prediction type to record: true = v-prediction (SD2 768-v), default auto-detect")
@@ -44,6 +35,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The command line: returns its exit code (2 for a problem with the arguments, files or settings)."""
+    return run_main(_main, argv)
+
+
+def _main(argv: list[str] | None) -> int:
     args = parse_args(argv)
     dst = Path(args.dst)
     single_file = dst.suffix.lower() == ".safetensors"
@@ -51,16 +47,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {dst} already exists; pass --overwrite to replace it", file=sys.stderr)
         return 2
     precision = args.precision or ("fp16" if single_file else "fp32")
-    dtype = PRECISIONS[precision]
-    try:
-        parts = load_model(args.src, V_CHOICES[args.v_parameterization], args.config_dir)
-    except ModelLoadError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    if single_file:
-        save_single_file(parts, dst, dtype=dtype)
-    else:
-        save_diffusers(parts.to(dtype=dtype), dst)
+    from library.quiet import quiet_libraries
+
+    quiet_libraries()  # the arguments are good: now load the model libraries, without their banners
+    from library.models.loading import load_model
+    from library.models.saving import save_model
+    from library.training.device import SAVE_DTYPES
+
+    parts = load_model(args.src, V_CHOICES[args.v_parameterization], args.config_dir)
+    save_model(parts, dst, SAVE_DTYPES[precision])
     print(f"Wrote {dst} ({'single file' if single_file else 'diffusers folder'}, {precision})")
     return 0
 

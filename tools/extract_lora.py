@@ -15,18 +15,9 @@ from pathlib import Path
 # tools/ is a subfolder: make `library` importable when run as `python tools/extract_lora.py`.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from library.quiet import quiet_libraries  # noqa: E402
+from library.cli import run_main  # noqa: E402
 
-quiet_libraries()  # before torch/diffusers imports print their banners
-
-import torch  # noqa: E402
-
-from library.training.checkpoints import atomic_save_safetensors  # noqa: E402
-from library.networks.extract import ExtractSettings, extract_lora, extract_metadata  # noqa: E402
-from library.models.paths import ModelLoadError  # noqa: E402
-from library.models.loading import load_model  # noqa: E402
-
-PRECISIONS = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+PRECISIONS = ("fp16", "bf16", "fp32")
 
 
 def _quantile(text: str) -> float:
@@ -46,7 +37,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="rank of ResNet 3x3 convolutions (LoCon); 0 = leave them out (default)")
     parser.add_argument("--clamp-quantile", type=_quantile, default=None,
                         help="clamp factor outliers at this quantile, as sd-scripts does with 0.99 (default: off)")
-    parser.add_argument("--precision", choices=sorted(PRECISIONS), default="fp16", help="tensor precision to write")
+    parser.add_argument("--precision", choices=PRECISIONS, default="fp16", help="tensor precision to write")
     parser.add_argument("--device", default="auto", help="where the SVDs run: auto (cuda if available), cpu, cuda")
     parser.add_argument("--overwrite", action="store_true", help="replace OUT if it already exists")
     args = parser.parse_args(argv)
@@ -56,6 +47,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The command line: returns its exit code (2 for a problem with the arguments, files or settings)."""
+    return run_main(_main, argv)
+
+
+def _main(argv: list[str] | None) -> int:
     args = parse_args(argv)
     out = Path(args.out)
     if out.suffix.lower() != ".safetensors":
@@ -64,22 +60,21 @@ def main(argv: list[str] | None = None) -> int:
     if out.exists() and not args.overwrite:
         print(f"error: {out} already exists; pass --overwrite to replace it", file=sys.stderr)
         return 2
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    try:
-        tuned, base = load_model(args.tuned), load_model(args.base)
-    except ModelLoadError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    from library.quiet import quiet_libraries
+
+    quiet_libraries()  # the arguments are good: now load the model libraries, without their banners
+    from library.models.loading import load_model
+    from library.networks.extract import ExtractSettings, extract_lora, extract_metadata
+    from library.training.checkpoints import atomic_save_safetensors
+    from library.training.device import SAVE_DTYPES, resolve_device
+
+    tuned, base = load_model(args.tuned), load_model(args.base)
     settings = ExtractSettings(args.rank, args.conv_rank, args.clamp_quantile)
-    try:
-        tensors, changed = extract_lora(tuned, base, settings, device, PRECISIONS[args.precision])
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    tensors, changed = extract_lora(tuned, base, settings, resolve_device(args.device), SAVE_DTYPES[args.precision])
     if not tensors:
         print(f"error: {args.tuned} and {args.base} have the same weights: there is nothing to extract",
               file=sys.stderr)
-        return 1
+        return 2
     atomic_save_safetensors(tensors, out, extract_metadata(tuned, base, settings, changed))
     modules = sum(1 for k in tensors if k.endswith(".alpha"))
     print(f"Wrote {out}: {modules} modules ({', '.join(changed)}), rank {args.rank}"

@@ -15,16 +15,9 @@ from pathlib import Path
 # tools/ is a subfolder: make `library` importable when run as `python tools/merge_lora.py`.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from library.quiet import quiet_libraries  # noqa: E402
+from library.cli import run_main  # noqa: E402
 
-quiet_libraries()  # before torch/diffusers imports print their banners
-
-from library.models.loading import load_model  # noqa: E402
-from library.models.paths import ModelLoadError  # noqa: E402
-from library.models.saving import model_format, save_model  # noqa: E402
-from library.networks.kinds import kind_of_weights  # noqa: E402
-from library.networks.merge import merge_network, read_network_file  # noqa: E402
-from library.training.device import SAVE_DTYPES as PRECISIONS  # noqa: E402
+PRECISIONS = ("fp16", "bf16", "fp32")
 
 
 def parse_lora_spec(spec: str) -> tuple[Path, float]:
@@ -45,7 +38,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("out", help="output .safetensors file or diffusers folder")
     parser.add_argument("--lora", action="append", required=True, metavar="FILE[:WEIGHT]",
                         help="a kohya LoRA file and its weight; repeat for several")
-    parser.add_argument("--precision", choices=sorted(PRECISIONS),
+    parser.add_argument("--precision", choices=PRECISIONS,
                         help="weight precision to write (default: fp16 for .safetensors, fp32 for folders)")
     parser.add_argument("--config-dir", help="diffusers folder whose configs describe a single-file BASE")
     parser.add_argument("--overwrite", action="store_true", help="replace OUT if it already exists")
@@ -54,24 +47,32 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def merge_files(parts, specs: list[tuple[Path, float]]) -> list[str]:
     """Merge each LoRA into parts in place; returns one line per file. Raises ValueError for files that are
-    not kohya LoRAs for this model."""
+    not network files for this model."""
+    from library.networks.kinds import kind_of_weights
+    from library.networks.merge import NetworkFileError, merge_network, read_network_file
+
     lines = []
     for path, weight in specs:
         weights, _ = read_network_file(path)
         kind = kind_of_weights(weights)
         if kind is None:
-            raise ValueError(f"{path} holds no kohya LoRA modules (*.lora_down.weight); other formats cannot be "
+            raise NetworkFileError(f"{path} holds no kohya LoRA modules (*.lora_down.weight); other formats cannot be "
                              "merged by this tool")
         modules = len(kind.module_names(weights))
         unmatched = merge_network(parts, {k: v.float() for k, v in weights.items()}, weight)
         if unmatched:
-            raise ValueError(f"{path}: {len(unmatched)} of its {modules} modules match nothing in the base model "
+            raise NetworkFileError(f"{path}: {len(unmatched)} of its {modules} modules match nothing in the base model "
                              f"(e.g. {unmatched[0]}); was it trained on another model family (SD1/SD2/SDXL)?")
         lines.append(f"merged {path} at weight {weight:g} ({modules} modules)")
     return lines
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The command line: returns its exit code (2 for a problem with the arguments, files or settings)."""
+    return run_main(_main, argv)
+
+
+def _main(argv: list[str] | None) -> int:
     args = parse_args(argv)
     out = Path(args.out)
     if out.exists() and not args.overwrite:
@@ -82,17 +83,19 @@ def main(argv: list[str] | None = None) -> int:
     if missing:
         print(f"error: LoRA file(s) not found: {', '.join(missing)}", file=sys.stderr)
         return 2
+    from library.quiet import quiet_libraries
+
+    quiet_libraries()  # the arguments are good: now load the model libraries, without their banners
+    from library.models.loading import load_model
+    from library.models.saving import model_format, save_model
+    from library.training.device import SAVE_DTYPES
+
     single_file = model_format(out) == "single_file"
     precision = args.precision or ("fp16" if single_file else "fp32")
-    try:
-        parts = load_model(args.base, config_dir=args.config_dir)
-        lines = merge_files(parts, specs)
-    except (ModelLoadError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    for line in lines:
+    parts = load_model(args.base, config_dir=args.config_dir)
+    for line in merge_files(parts, specs):
         print(line)
-    save_model(parts, out, PRECISIONS[precision])
+    save_model(parts, out, SAVE_DTYPES[precision])
     print(f"Wrote {out} ({'single file' if single_file else 'diffusers folder'}, {precision})")
     return 0
 

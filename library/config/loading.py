@@ -15,10 +15,11 @@ from typing import Any, Callable
 import tomli_w
 from pydantic import BaseModel, ValidationError
 
+from library.errors import UserError
 from library.config.schema import RunConfig
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """All problems found in one config, one per line."""
 
     def __init__(self, source: str, problems: list[str]):

@@ -1,8 +1,10 @@
 """The error every dataset check raises: one or more problems, each naming the path and what to do."""
 from __future__ import annotations
 
+from library.errors import UserError
 
-class DatasetError(ValueError):
+
+class DatasetError(UserError, ValueError):
     """One or more dataset problems; each message names the path and what to do."""
 
     def __init__(self, problems: str | list[str]):

@@ -7,10 +7,13 @@ from __future__ import annotations
 
 import random
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+if TYPE_CHECKING:
+    import torch
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
@@ -144,8 +147,10 @@ def resize_and_crop(
     return img.crop((left, top, left + width, top + height))
 
 
-def to_tensor(img: Image.Image) -> torch.Tensor:
+def to_tensor(img: Image.Image) -> "torch.Tensor":
     """Float tensor [3, H, W] in [-1, 1] (the range the VAE expects)."""
+    import torch  # here, not at the top: scanning a dataset or tagging images never needs torch
+
     arr = np.asarray(to_rgb(img), dtype=np.uint8)
     tensor = torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
     return tensor.to(torch.float32) / 127.5 - 1.0

@@ -31,6 +31,7 @@ from PIL import UnidentifiedImageError
 from safetensors import safe_open
 from tqdm import tqdm
 
+from library.errors import UserError
 from library.training.checkpoints import atomic_save_safetensors
 # _open_decoded: load_image's decoding (EXIF orientation) for bytes already in memory, the bytes that were hashed
 from library.data.images import _open_decoded, resize_and_crop, to_rgb, to_tensor
@@ -56,7 +57,7 @@ class LatentEntry:
     crop: str = CENTER_CROP
 
 
-class CacheEntryError(ValueError):
+class CacheEntryError(UserError, ValueError):
     """A cache file that cannot be used (truncated, corrupt, or written for other settings)."""
 
 

@@ -13,8 +13,6 @@ import importlib.util
 from functools import lru_cache
 from pathlib import Path
 
-from transformers import CLIPTokenizer
-
 BPE_FILE_NAME = "bpe_simple_vocab_16e6.txt.gz"
 MODEL_MAX_LENGTH = 77
 VOCAB_SIZE = 49408
@@ -92,13 +90,20 @@ def _vocab_and_merges() -> tuple[dict[str, int], tuple[tuple[str, str], ...]]:
     return vocab, merges  # type: ignore[return-value]
 
 
-def build_clip_tokenizer(pad_token: str = EOS_TOKEN) -> CLIPTokenizer:
+def clip_vocabulary() -> dict[str, int]:
+    """The CLIP token table (token → id), without transformers: config checks use it."""
+    return dict(_vocab_and_merges()[0])
+
+
+def build_clip_tokenizer(pad_token: str = EOS_TOKEN):
     """A fresh CLIPTokenizer built without network access. SD1 pads with the end token, SD2 and SDXL's second
     encoder (OpenCLIP) with "!" (id 0): the padded positions change the text-encoder output, so the model
     family passes its own (library/models/families/).
 
     A new object is returned on every call because textual inversion adds tokens to it.
     """
+    from transformers import CLIPTokenizer  # here: transformers is slow to import and config checks skip it
+
     vocab, merges = _vocab_and_merges()
     return CLIPTokenizer(
         vocab=dict(vocab),

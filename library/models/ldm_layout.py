@@ -18,6 +18,8 @@ from typing import Mapping, Sequence
 
 import torch
 
+from library.errors import UserError
+
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 CLIP_PREFIX = "cond_stage_model.transformer.text_model."  # SD1: OpenAI CLIP via transformers
@@ -25,7 +27,7 @@ OPENCLIP_PREFIX = "cond_stage_model.model."  # SD2: OpenCLIP ViT-H text tower
 SDXL_PREFIX = "conditioner.embedders."
 
 
-class LayoutError(ValueError):
+class LayoutError(UserError, ValueError):
     """A state dict does not fit the layout being converted."""
 
 

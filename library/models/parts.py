@@ -34,6 +34,16 @@ class ModelParts:
         """The first text encoder (the only one before SDXL)."""
         return self.text_encoders[0]
 
+    @property
+    def vae_scale_factor(self) -> int:
+        """Pixels per latent pixel along each side (8 for every released SD model)."""
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    def native_size(self) -> int:
+        """The square size the model generates at by default (diffusers' rule: UNet sample size × VAE factor):
+        512 for SD1.5, 768 for SD2-768, 64 for the built-in tiny models."""
+        return int(self.unet.config.sample_size) * self.vae_scale_factor
+
     def networks(self) -> list[torch.nn.Module]:
         """Every module with weights: text encoders, VAE, UNet."""
         return [*self.text_encoders, self.vae, self.unet]

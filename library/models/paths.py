@@ -5,6 +5,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from library.errors import UserError
+
 BUILTIN_PREFIX = "builtin:"
 BUILTIN_MODELS: tuple[str, ...] = ("tiny-sd15", "tiny-sd2")
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth")
@@ -12,7 +14,7 @@ CONFIG_ROOT = Path(__file__).resolve().parent / "model_configs"
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(UserError, RuntimeError):
     """A model path cannot be loaded; the message says which file/folder and what to do."""
 
 

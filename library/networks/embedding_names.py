@@ -4,6 +4,7 @@ config checks use it."""
 from __future__ import annotations
 
 import re
+from typing import Mapping
 
 _NAME = re.compile(r"^[A-Za-z0-9_-]+$")  # also a file name on every OS: A1111 reads the trigger from it
 
@@ -23,10 +24,10 @@ def name_problem(name: str) -> str | None:
     return None
 
 
-def vocabulary_problem(tokenizer, name: str, vectors: int) -> str | None:
+def vocabulary_problem(vocabulary: Mapping[str, int], name: str, vectors: int) -> str | None:
     """None when none of the embedding's tokens exists yet. CLIP lowercases text and stores words with a
     `</w>` suffix, so `Cat` collides with `cat</w>`: a prompt could not tell the embedding from the word."""
-    vocab = {token.lower() for token in tokenizer.get_vocab()}
+    vocab = {token.lower() for token in vocabulary}
     for token in token_names(name, vectors):
         for form in (token.lower(), token.lower() + "</w>"):
             if form in vocab:

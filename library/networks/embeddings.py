@@ -16,6 +16,7 @@ from PIL import Image, PngImagePlugin
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from library.errors import UserError
 from library.atomic import write_atomically
 from library.networks.embedding_names import name_problem, token_names, vocabulary_problem
 
@@ -24,7 +25,7 @@ PNG_CHUNK = "sd-ti-embedding"
 _PT_TOKEN_ID = 265  # the id A1111 writes in string_to_token; nothing reads it, but tools expect the key
 
 
-class EmbeddingError(ValueError):
+class EmbeddingError(UserError, ValueError):
     """An embedding file or token problem, with the path or name and what to do."""
 
 
@@ -56,7 +57,7 @@ class Embedding:
 def add_tokens(tokenizer, text_encoder, name: str, vectors: int) -> list[int]:
     """Add the embedding's tokens to the tokenizer and rows to the text encoder's embedding matrix.
     Existing rows are copied bitwise; the new rows are zero until the caller sets them."""
-    problem = name_problem(name) or vocabulary_problem(tokenizer, name, vectors)
+    problem = name_problem(name) or vocabulary_problem(tokenizer.get_vocab(), name, vectors)
     if problem:
         raise EmbeddingError(problem)
     names = token_names(name, vectors)

@@ -9,12 +9,9 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from library.models.parts import ModelParts
+from library.networks.compat import NetworkFileError
 from library.networks.kinds import kind_of_weights
 from library.networks.targets import module_map
-
-
-class NetworkFileError(ValueError):
-    """A file that is not a network Kiln can apply to this model; the message says which and why."""
 
 
 def read_network_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -40,6 +37,9 @@ def merge_network(parts: ModelParts, weights: dict[str, torch.Tensor], multiplie
             unmatched.append(name)
             continue
         delta = kind.delta(weights, name) * multiplier
+        if delta.numel() != module.weight.numel():
+            raise NetworkFileError(f"{name}: the file changes a {tuple(delta.shape)} weight, the model's is "
+                                   f"{tuple(module.weight.shape)}; the file was made for another model")
         with torch.no_grad():
             module.weight += delta.to(module.weight.dtype).reshape(module.weight.shape)
     return unmatched

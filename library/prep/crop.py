@@ -21,6 +21,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from library.errors import UserError
 from library.data.images import IMAGE_EXTENSIONS, load_image, to_rgb
 from library.prep.tag_edit import caption_paths, normalise_extension
 from library.prep.tagging import IMAGE_ERRORS, TaggingError, require_package
@@ -34,7 +35,7 @@ _SALIENCY_SIDE = 64
 _SALIENCY_MIN_PEAK = 2.0  # peak/mean of the map; flat or noise-like images stay near 1
 
 
-class PrepareError(ValueError):
+class PrepareError(UserError, ValueError):
     """Bad input to `prepare`; the message names the folder or option and the fix."""
 
 

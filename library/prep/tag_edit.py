@@ -16,6 +16,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+from library.errors import UserError
 from library.atomic import write_text_atomically
 from library.data.captions import COMMON_CAPTION_EXTENSIONS, read_caption
 from library.data.errors import DatasetError
@@ -25,7 +26,7 @@ BACKUP_FOLDER = ".caption_backups"
 SEPARATOR = ","
 
 
-class TagEditError(ValueError):
+class TagEditError(UserError, ValueError):
     """Bad input to a tag operation; the message names the file, folder or option and the fix."""
 
 

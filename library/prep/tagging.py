@@ -23,6 +23,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from library.errors import UserError
 from library.data.images import load_image, to_rgb
 from library.atomic import write_text_atomically
 from library.prep.tag_edit import (
@@ -48,7 +49,7 @@ IMAGE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionB
 _REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
 
-class TaggingError(ValueError):
+class TaggingError(UserError, ValueError):
     """A tagger/captioner problem; the message names the file or folder and the fix."""
 
 

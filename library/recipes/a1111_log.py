@@ -10,9 +10,10 @@ from library.data.batches import Batch, hash_ints
 from library.networks.embedding_names import expand_name
 from library.networks.embedding_trainable import EmbeddingTrainable
 from library.networks.embeddings import save_embedding, save_optimizer_state, save_png
-from library.sampling.preview import SampleSpec, generate
+from library.sampling.prompt_file import SampleSpec
+from library.sampling.preview import generate
 from library.training.hooks import TrainerHooks
-from library.training.optimizers import canonical_optimizer_name
+from library.registry import canonical_optimizer_name
 from library.training.plan import TrainingPlan
 from library.training.trainer import LoopParts, Trainer
 

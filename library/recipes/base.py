@@ -10,6 +10,7 @@ if TYPE_CHECKING:  # the heavy modules load only once the config is valid (fast 
     from library.config.schema import RunConfig
     from library.data.batches import TrainingData
     from library.data.folders import Subset
+    from library.models.header import ModelHeader
     from library.models.parts import ModelParts
     from library.training.hooks import TrainerHooks
     from library.training.plan import TrainingPlan
@@ -49,6 +50,15 @@ class Recipe:
     def environment_problems(self, data: dict) -> list[str]:
         """Checks of this trainer's sections that need files, a registry or a tokenizer, on the raw config data
         (so they are reported beside schema errors). Values may be missing or of the wrong type."""
+        return []
+
+    def optimizer_lrs(self, config: "RunConfig") -> dict[str, float]:
+        """The learning rate of each parameter group the run will have (checked before any model loads)."""
+        return {"model": config.optimizer.lr}
+
+    def model_problems(self, config: "RunConfig", header: "ModelHeader") -> list[str]:
+        """Problems of this trainer's files against the model's family and widths (read from its header, not
+        its weights), e.g. an init file made for another family."""
         return []
 
     def before_scan(self, config: "RunConfig", check_only: bool, load_model: Callable[[], "ModelParts"]) -> None:

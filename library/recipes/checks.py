@@ -3,13 +3,14 @@
 exist in the optimizer, scheduler and sampler registries, preview prompts parse, plus the recipe's own."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from library.models.paths import model_path_problem
 from library.recipes.base import Recipe, table
 from library.sampling.prompt_file import PromptError, canonical_sampler, parse_prompt_lines, read_prompt_file
-from library.training.optimizers import optimizer_name_problem
-from library.training.schedules import scheduler_name_problem
+from library.registry import optimizer_name_problem
+from library.registry import scheduler_name_problem
 
 SHARED_PATH_KEYS = (("dataset", "train_dir", "folder"), ("dataset", "reg_dir", "folder"),
                     ("model", "config_dir", "folder"), ("save", "resume", "folder"),
@@ -104,3 +105,17 @@ def environment_problems(data: dict, base: Path, recipe: Recipe | None = None) -
     problems += _registry_problems(data)
     problems += _sample_problems(data)
     return problems + (recipe.environment_problems(data) if recipe else [])
+
+
+def folder_problem(folder: str | Path, key: str) -> str | None:
+    """None when `folder` exists and is writable, or can be created; else why not, naming the key. Creates
+    nothing (--check leaves no trace)."""
+    path = Path(folder).expanduser().absolute()
+    existing = path
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"{key}: {existing} is a file, so {path} cannot be a folder; choose another path"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"{key}: {existing} is not writable, so nothing can be saved in {path}; choose another folder"
+    return None

@@ -86,6 +86,13 @@ class DreamBoothRecipe(Recipe):
                     "images are generated)"]
         return []
 
+    def optimizer_lrs(self, config: DreamBoothRunConfig) -> dict[str, float]:
+        db, lr = config.dreambooth, config.optimizer.lr
+        lrs = {"unet": db.unet_lr or lr}
+        if db.train_text_encoder:
+            lrs["text_encoder"] = db.text_encoder_lr or lr
+        return lrs
+
     def text_encoder_trained_by(self, config: DreamBoothRunConfig) -> str | None:
         return "dreambooth.train_text_encoder" if config.dreambooth.train_text_encoder else None
 

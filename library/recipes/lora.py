@@ -2,6 +2,7 @@
 in the kohya layout with sd-scripts' metadata."""
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, model_validator
@@ -41,6 +42,26 @@ class LoraRecipe(Recipe):
 
     def text_encoder_trained_by(self, config: LoraRunConfig) -> str | None:
         return "network.train_text_encoder" if config.network.train_text_encoder else None
+
+    def optimizer_lrs(self, config: LoraRunConfig) -> dict[str, float]:
+        net, lr = config.network, config.optimizer.lr
+        lrs = {"unet": net.unet_lr or lr} if net.train_unet else {}
+        if net.train_text_encoder:
+            lrs["text_encoder"] = net.text_encoder_lr or lr
+        return lrs
+
+    def model_problems(self, config: LoraRunConfig, header) -> list[str]:
+        from library.models.header import tensor_shapes
+        from library.networks.compat import network_file_problem, read_network_metadata
+
+        path = config.network.init_weights
+        if not path:
+            return []
+        try:
+            problem = network_file_problem(path, tensor_shapes(Path(path)), read_network_metadata(path), header)
+        except Exception as err:  # noqa: BLE001 - an unreadable file is the problem to report
+            problem = f"{path} is not a readable .safetensors LoRA file ({str(err).splitlines()[0]})"
+        return [f"network.init_weights: {problem}"] if problem else []
 
     def build(self, parts, run) -> Built:
         # imported here: peft is slow to import and --help/--check never need it

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, NoReturn
 
 if TYPE_CHECKING:
     from library.config.schema import RunConfig
+    from library.models.header import ModelHeader
     from library.models.parts import ModelParts
     from library.recipes.base import Recipe
     from library.training.resolved import ResolvedRun
@@ -57,18 +58,33 @@ def output_problems(config: "RunConfig") -> list[str]:
             f"choose another save.name, set save.overwrite = true, or resume with save.resume"]
 
 
-def run_problems(config: "RunConfig", check_only: bool) -> list[str]:
-    """What the run cannot do on this machine or with these outputs, before anything loads."""
-    from library.training.device import runtime_problems
-    from library.training.optimizers import OptimizerError, check_optimizer
+def run_problems(config: "RunConfig", recipe: "Recipe", check_only: bool) -> tuple[list[str], "ModelHeader | None"]:
+    """What the run cannot do on this machine, with this model or these outputs, found before anything loads;
+    and the model's header (family and widths), when it could be read."""
+    from library.models.attention import xformers_problem
+    from library.models.header import read_model_header
+    from library.models.paths import ModelLoadError
+    from library.recipes.checks import folder_problem
+    from library.registry import OptimizerError
+    from library.training.device import resolve_device, runtime_problems
+    from library.training.optimizers import check_optimizer
 
-    problems = runtime_problems(config.train.device, config.train.mixed_precision)
+    train, opt = config.train, config.optimizer
+    problems = runtime_problems(train.device, train.mixed_precision)
+    if train.attention == "xformers" and (why := xformers_problem(resolve_device(train.device))):
+        problems.append(f"train.attention = 'xformers' but {why}; use 'auto' (falls back to SDPA) or 'sdpa'")
+    folders = [(config.save.output_dir, "save.output_dir"), (config.logging.log_dir, "logging.log_dir")]
+    problems += [p for folder, key in folders if (p := folder_problem(folder, key))]
     problems += [] if check_only else output_problems(config)
     try:
-        check_optimizer(config.optimizer.name, config.optimizer.lr, config.optimizer.args)
+        check_optimizer(opt.name, opt.lr, opt.args, recipe.optimizer_lrs(config))
     except OptimizerError as err:
         problems.append(f"optimizer: {err}")
-    return problems
+    try:
+        header = read_model_header(config.model.path, config.model.config_dir or None)
+    except ModelLoadError as err:
+        return problems + [f"model.path: {err}"], None
+    return problems + recipe.model_problems(config, header), header
 
 
 def print_summary(run: "ResolvedRun") -> None:
@@ -115,16 +131,16 @@ def prepare(recipe: "Recipe", args: argparse.Namespace) -> tuple["ResolvedRun", 
     if args.print_config:
         print(config_to_toml(config), end="")
         return None
-    if problems := run_problems(config, args.check):
+    problems, header = run_problems(config, recipe, args.check)
+    if problems:
         fail(str(ConfigError(args.config, problems)))
+    print(header.line())
     load = ModelLoader(config)
     recipe.before_scan(config, args.check, load)
     try:
         run = resolve(config, recipe)
     except (DatasetError, ValueError) as err:
         fail(str(err))
-    if args.check:
-        print(config_to_toml(config))
     print_summary(run)
     if args.check:
         print("config and dataset OK (--check: not training)")
@@ -135,13 +151,13 @@ def prepare(recipe: "Recipe", args: argparse.Namespace) -> tuple["ResolvedRun", 
 def run_recipe(recipe: "Recipe", argv: list[str] | None, description: str) -> int:
     """A training script's whole main: returns the exit code (SystemExit with a one-line error on problems)."""
     args = parse_args(argv, description)
-    from library.quiet import quiet_libraries
-
-    quiet_libraries()  # before the imports below pull in peft, diffusers and transformers
     prepared = prepare(recipe, args)
     if prepared is None:
         return 0
     run, load = prepared
+    from library.quiet import quiet_libraries
+
+    quiet_libraries()  # before the imports that pull in peft, diffusers and transformers
     if run.config.train.num_threads:
         import torch
 

@@ -119,7 +119,7 @@ class TextualInversionRecipe(Recipe):
 
     def environment_problems(self, data: dict) -> list[str]:
         from library.data.prompts import template_problem
-        from library.models.clip_tokenizer import TokenizerUnavailable, build_clip_tokenizer
+        from library.models.clip_tokenizer import TokenizerUnavailable, clip_vocabulary
         from library.networks.embedding_names import vocabulary_problem
         from library.training.schedules import A1111Schedule
 
@@ -127,7 +127,7 @@ class TextualInversionRecipe(Recipe):
         name, vectors = value_of(data, "embedding", "name", str), value_of(data, "embedding", "vectors", int, 1)
         if name and name_problem(name) is None:
             try:  # checked again against the model's own tokenizer when it loads
-                if problem := vocabulary_problem(build_clip_tokenizer(), name, vectors):
+                if problem := vocabulary_problem(clip_vocabulary(), name, vectors):
                     problems.append(problem)
             except TokenizerUnavailable:
                 pass
@@ -142,6 +142,22 @@ class TextualInversionRecipe(Recipe):
             except ValueError as err:
                 problems.append(f"embedding.learn_rate: {err}")
         return problems
+
+    def optimizer_lrs(self, config: TIRunConfig) -> dict[str, float]:
+        return {"embedding": config.optimizer.lr}
+
+    def model_problems(self, config: TIRunConfig, header) -> list[str]:
+        from library.networks.compat import embedding_problem
+        from library.networks.embeddings import EmbeddingError, load_embedding
+
+        if not config.embedding.resume:
+            return []
+        try:
+            embedding = load_embedding(config.embedding.resume)
+        except EmbeddingError as err:
+            return [f"embedding.resume: {err}"]
+        problem = embedding_problem(config.embedding.resume, embedding.vectors.shape[1], header)
+        return [f"embedding.resume: {problem}"] if problem else []
 
     def text_encoder_trained_by(self, config: TIRunConfig) -> str | None:
         return None  # the encoder's weights never change; caching is refused by the config's own rule
@@ -231,7 +247,7 @@ def _start_point(config: TIRunConfig, resumed, plan):
     belongs to it (A1111's checksum) and to this optimizer."""
     from library.networks.embeddings import load_optimizer_state
     from library.training.checkpoints import Progress
-    from library.training.optimizers import canonical_optimizer_name
+    from library.registry import canonical_optimizer_name
     from library.training.trainable import StartPoint
 
     step = resumed.step or 0

@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import random
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -19,30 +18,9 @@ from PIL import Image, PngImagePlugin
 
 from library.atomic import write_atomically
 from library.models.parts import ModelParts
-from library.sampling.prompt_file import SAMPLERS, PromptOptions, canonical_sampler, parse_prompt_lines, read_prompt_file
+from library.sampling.prompt_file import PromptOptions, SampleSpec, canonical_sampler, parse_prompt_lines, read_prompt_file
 from library.training.hooks import CombinedHooks, TrainerHooks
 from library.training.trainer import LoopParts, Trainer
-
-
-@dataclass(frozen=True)
-class SampleSpec:
-    """One preview image. Field meanings follow A1111's txt2img (and kohya's --n/--w/--h/--s/--l/--d/--ss)."""
-
-    prompt: str
-    negative_prompt: str = ""
-    width: int = 512
-    height: int = 512
-    steps: int = 20
-    cfg_scale: float = 7.0
-    seed: int = 0
-    sampler: str = "ddim"
-
-    def infotext(self) -> str:
-        """A1111's `parameters` text, so PNG Info in the WebUI shows how the image was made."""
-        negative = f"\nNegative prompt: {self.negative_prompt}" if self.negative_prompt else ""
-        sampler = SAMPLERS[canonical_sampler(self.sampler)]
-        return (f"{self.prompt}{negative}\nSteps: {self.steps}, Sampler: {sampler}, CFG scale: {self.cfg_scale:g}, "
-                f"Seed: {self.seed}, Size: {self.width}x{self.height}")
 
 
 # ---------------------------------------------------------------------------------------------- samplers

@@ -13,12 +13,14 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from library.errors import UserError
+
 # canonical name -> A1111's infotext name
 SAMPLERS = {"ddim": "DDIM", "euler": "Euler", "euler_a": "Euler a", "dpm++ 2m": "DPM++ 2M",
             "dpm++ 2m karras": "DPM++ 2M Karras"}
 
 
-class PromptError(ValueError):
+class PromptError(UserError, ValueError):
     """A prompt line or file that cannot be used; the message names the file and line."""
 
 
@@ -46,7 +48,7 @@ def canonical_sampler(name: str) -> str:
     key = {"euler a": "euler_a", "euler ancestral": "euler_a", "dpm++2m": "dpm++ 2m",
            "dpm++2m karras": "dpm++ 2m karras"}.get(key, key)
     if key not in SAMPLERS:
-        raise ValueError(f"unknown sampler {name!r}; use one of: {', '.join(SAMPLERS)}")
+        raise PromptError(f"unknown sampler {name!r}; use one of: {', '.join(SAMPLERS)}")
     return key
 
 
@@ -116,3 +118,24 @@ def read_prompt_file(path: str | Path) -> list[PromptOptions]:
     except UnicodeDecodeError:
         raise PromptError(f"{path}: not UTF-8 text; re-save it as UTF-8") from None
     return parse_prompt_lines(text.splitlines(), str(path))
+
+
+@dataclass(frozen=True)
+class SampleSpec:
+    """One preview image. Field meanings follow A1111's txt2img (and kohya's --n/--w/--h/--s/--l/--d/--ss)."""
+
+    prompt: str
+    negative_prompt: str = ""
+    width: int = 512
+    height: int = 512
+    steps: int = 20
+    cfg_scale: float = 7.0
+    seed: int = 0
+    sampler: str = "ddim"
+
+    def infotext(self) -> str:
+        """A1111's `parameters` text, so PNG Info in the WebUI shows how the image was made."""
+        negative = f"\nNegative prompt: {self.negative_prompt}" if self.negative_prompt else ""
+        sampler = SAMPLERS[canonical_sampler(self.sampler)]
+        return (f"{self.prompt}{negative}\nSteps: {self.steps}, Sampler: {sampler}, CFG scale: {self.cfg_scale:g}, "
+                f"Seed: {self.seed}, Size: {self.width}x{self.height}")

@@ -6,6 +6,7 @@ package the run does not use. Problems surface as OptimizerError with a one-line
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import importlib
 import inspect
@@ -14,20 +15,7 @@ from typing import Any
 import torch
 
 from library.quiet import silenced
-from library.registry import name_problem
-
-OPTIMIZER_NAMES: tuple[str, ...] = (
-    "AdamW", "AdamW8bit", "Lion", "DAdaptAdam", "Adafactor", "Prodigy", "SGDNesterov",
-)
-
-# Spellings seen in other trainers' configs. Keys are normalised (see _normalise).
-_ALIASES: dict[str, str] = {
-    "dadaptation": "DAdaptAdam",  # kohya's older spelling
-    "dadapt": "DAdaptAdam",
-    "bnbadamw8bit": "AdamW8bit",
-    "prodigyopt": "Prodigy",
-    "nesterov": "SGDNesterov",
-}
+from library.registry import OptimizerError, canonical_optimizer_name
 
 _PACKAGE_HINT = "install it with: pip install -r requirements.txt"
 _BNB_HINT = "use AdamW, or install CUDA bitsandbytes (requirements-gpu.txt)"
@@ -40,31 +28,6 @@ _ADAPTIVE_LR_RANGE = (0.1, 10.0)
 # so the probe must be this large to exercise the 8-bit kernels at all.
 _BNB_PROBE_NUMEL = 4096
 _bnb_probe_ok: dict[str, bool] = {}
-
-
-class OptimizerError(Exception):
-    """A user-facing, one-line problem with the optimizer name, its args, or its package."""
-
-
-def _normalise(name: str) -> str:
-    return "".join(ch for ch in name.lower() if ch not in "_- ")
-
-
-_LOOKUP: dict[str, str] = {_normalise(n): n for n in OPTIMIZER_NAMES} | _ALIASES
-
-
-def optimizer_name_problem(name: str) -> str | None:
-    """None when `name` is a known optimizer (case/underscore-insensitive, common aliases too);
-    otherwise a one-line message with a "did you mean" suggestion."""
-    return name_problem("optimizer", name, _LOOKUP, _normalise, OPTIMIZER_NAMES)
-
-
-def canonical_optimizer_name(name: str) -> str:
-    """The registry spelling of `name` ("adamw_8bit" -> "AdamW8bit"); OptimizerError if unknown."""
-    problem = optimizer_name_problem(name)
-    if problem:
-        raise OptimizerError(problem)
-    return _LOOKUP[_normalise(name)]
 
 
 def uses_relative_step(name: str, args: dict) -> bool:
@@ -217,9 +180,29 @@ def build_optimizer(name: str, param_groups: list[dict], lr: float | None, args:
     return optimizer
 
 
-def check_optimizer(name: str, lr: float | None, args: dict) -> None:
-    """Build the optimizer once on a throwaway tensor, so a bad name, argument or value (or a library that cannot
-    run here) fails before any model loads. Raises OptimizerError; prints nothing (the real build warns)."""
-    probe = torch.zeros(4, requires_grad=True)
-    with silenced():
-        build_optimizer(name, [{"params": [probe], "lr": lr, "name": "check"}], lr, dict(args or {}))
+def check_optimizer(name: str, lr: float | None, args: dict, group_lrs: dict[str, float] | None = None) -> None:
+    """Build the optimizer once on throwaway tensors, one parameter group per entry of `group_lrs` (the run's
+    groups and rates: "unet", "text_encoder", ...), so a bad name, argument, value or rate combination (or a
+    library that cannot run here) fails before any model loads. Raises OptimizerError; prints nothing."""
+    groups = [{"params": [torch.zeros(4, requires_grad=True)], "lr": rate, "name": group}
+              for group, rate in (group_lrs or {"check": lr}).items()]
+    with silenced(), _without_compiler():
+        build_optimizer(name, groups, lr, dict(args or {}))
+
+
+@contextlib.contextmanager
+def _without_compiler():
+    """torch.optim.Optimizer's methods import torch's compiler on first use (~3 s on 2 cores), only to mark
+    themselves as not to be compiled. A throwaway optimizer that validates arguments needs none of that: hand
+    those methods their cached "not compiled" form up front, and take it back afterwards so a real optimizer is
+    built as usual. If a torch release renames this internal, the check still works, only slower."""
+    wrapped = [getattr(method, "__wrapped__") for method in vars(torch.optim.Optimizer).values()
+               if callable(method) and hasattr(method, "__wrapped__")]
+    patched = [fn for fn in wrapped if not hasattr(fn, "__dynamo_disable")]
+    for fn in patched:
+        setattr(fn, "__dynamo_disable", fn)
+    try:
+        yield
+    finally:
+        for fn in patched:
+            delattr(fn, "__dynamo_disable")

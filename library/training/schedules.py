@@ -16,29 +16,7 @@ import torch
 from torch.optim.lr_scheduler import LambdaLR, LRScheduler
 
 from library.quiet import silenced
-from library.registry import name_problem
-
-SCHEDULER_NAMES: tuple[str, ...] = (
-    "constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial",
-)
-
-
-def _normalise(name: str) -> str:
-    return name.strip().lower().replace("-", "_").replace(" ", "_")
-
-
-def scheduler_name_problem(name: str) -> str | None:
-    """None when `name` is a known scheduler (case-insensitive, '-' or '_'); else a did-you-mean message."""
-    return name_problem("lr scheduler", name, {n: n for n in SCHEDULER_NAMES}, _normalise, SCHEDULER_NAMES)
-
-
-def canonical_scheduler_name(name: str) -> str:
-    """The registry spelling of `name` ("Cosine-With-Restarts" -> "cosine_with_restarts"); ValueError if unknown."""
-    problem = scheduler_name_problem(name)
-    if problem:
-        raise ValueError(problem)
-    return _normalise(name)
-
+from library.registry import canonical_scheduler_name
 
 def resolve_warmup_steps(total_steps: int, warmup_steps: int = 0, warmup_ratio: float = 0.0) -> int:
     """Warmup length in steps: `warmup_steps`, or `warmup_ratio` of `total_steps` rounded half up."""

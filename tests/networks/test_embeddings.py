@@ -24,9 +24,9 @@ def test_trigger_names_are_checked(tiny):
     assert "one word" in name_problem("kiln pot")
     assert "letter" in name_problem("1234")
     assert name_problem("kiln-pot_2") is None
-    problem = vocabulary_problem(tiny.tokenizer, "Cat", 1)
+    problem = vocabulary_problem(tiny.tokenizer.get_vocab(), "Cat", 1)
     assert "already a token" in problem and "'cat" in problem
-    assert vocabulary_problem(tiny.tokenizer, "kilnpot", 3) is None
+    assert vocabulary_problem(tiny.tokenizer.get_vocab(), "kilnpot", 3) is None
 
 
 def test_add_tokens_adds_rows_and_refuses_a_second_time():

@@ -146,7 +146,7 @@ log_dir = "{(tmp_path / 'logs').as_posix()}"
     assert torch.allclose(ours, theirs, atol=1e-4)
 
     assert extract_lora.main(["builtin:tiny-sd15", "builtin:tiny-sd15", str(tmp_path / "none.safetensors"),
-                              "--rank", "4"]) == 1  # identical models: nothing to extract
+                              "--rank", "4"]) == 2  # identical models: nothing to extract
 
 
 def test_lora_spec_parsing_keeps_windows_drive_letters():
@@ -162,9 +162,9 @@ def test_merge_refuses_foreign_files_and_existing_output(base, tmp_path, capsys)
     atomic_save_safetensors(sdxl, tmp_path / "xl.safetensors")
     atomic_save_safetensors({"emb_params": torch.zeros(1, 32)}, tmp_path / "ti.safetensors")
     out = tmp_path / "out.safetensors"
-    assert merge_lora.main(["builtin:tiny-sd15", str(out), "--lora", str(tmp_path / "xl.safetensors")]) == 1
+    assert merge_lora.main(["builtin:tiny-sd15", str(out), "--lora", str(tmp_path / "xl.safetensors")]) == 2
     assert "match nothing in the base model" in capsys.readouterr().err
-    assert merge_lora.main(["builtin:tiny-sd15", str(out), "--lora", str(tmp_path / "ti.safetensors")]) == 1
+    assert merge_lora.main(["builtin:tiny-sd15", str(out), "--lora", str(tmp_path / "ti.safetensors")]) == 2
     assert "holds no kohya LoRA modules" in capsys.readouterr().err
     assert not out.exists()
     out.write_bytes(b"earlier")

@@ -9,7 +9,8 @@ from safetensors.torch import load_file
 import train_lora
 from library.models.builtin import build_builtin
 from library.sampling.prompt_file import PromptError, canonical_sampler, parse_prompt_line, parse_prompt_lines
-from library.sampling.preview import SampleSpec, decode_latents, generate
+from library.sampling.prompt_file import SampleSpec
+from library.sampling.preview import decode_latents, generate
 from tests.recipes.test_train_lora import config_text
 
 

@@ -8,14 +8,8 @@ import pytest
 import torch
 
 from library.training import optimizers
-from library.training.optimizers import (
-    OPTIMIZER_NAMES,
-    OptimizerError,
-    build_optimizer,
-    canonical_optimizer_name,
-    optimizer_name_problem,
-    uses_relative_step,
-)
+from library.registry import OPTIMIZER_NAMES, OptimizerError, canonical_optimizer_name, optimizer_name_problem
+from library.training.optimizers import build_optimizer, uses_relative_step
 from library.training.schedules import build_scheduler, current_lrs
 
 BNB_HINT = "use AdamW, or install CUDA bitsandbytes (requirements-gpu.txt)"

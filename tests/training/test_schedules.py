@@ -5,17 +5,8 @@ import pytest
 import torch
 
 from library.training.optimizers import build_optimizer
-from library.training.schedules import (
-    SCHEDULER_NAMES,
-    A1111Schedule,
-    StepRate,
-    a1111_lambda_scheduler,
-    build_scheduler,
-    canonical_scheduler_name,
-    current_lrs,
-    resolve_warmup_steps,
-    scheduler_name_problem,
-)
+from library.registry import SCHEDULER_NAMES, canonical_scheduler_name, scheduler_name_problem
+from library.training.schedules import (A1111Schedule, StepRate, a1111_lambda_scheduler, build_scheduler, current_lrs, resolve_warmup_steps)
 
 REFERENCE_TEXT = "0.05:10, 0.02:20, 0.01:60, 0.005:200, 0.002:500, 0.001:3000, 0.0005"
 

@@ -94,6 +94,10 @@ class ModelFamily:
         """(ss_base_model_version, modelspec.architecture) as sd-scripts writes them."""
         raise NotImplementedError
 
+    def claims_base_model_version(self, version: str) -> bool:
+        """True when a file's `ss_base_model_version` says it was made for this family."""
+        return version in {self.base_model_version(v)[0] for v in (False, True)}
+
     def metadata(self, v_prediction: bool) -> dict[str, str]:
         """Family-dependent `ss_*` strings LoRA tools show."""
         version, _ = self.base_model_version(v_prediction)
