@@ -61,7 +61,9 @@ def base_from_config(path: str) -> dict:
         beside = config.parent / model_path  # presets name models relative to themselves
         model_path = str(beside) if beside.exists() else model_path
     v_param = model.get("v_parameterization", "auto")
+    train = data.get("train", {}) if isinstance(data.get("train"), dict) else {}
     return {"model": model_path, "clip_skip": int(model.get("clip_skip", 1)),
+            "max_token_length": int(train.get("max_token_length", 75)),
             "v_parameterization": None if v_param == "auto" else bool(v_param),
             "config_dir": str(model.get("config_dir", ""))}
 

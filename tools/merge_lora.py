@@ -48,12 +48,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def merge_files(parts, specs: list[tuple[Path, float]]) -> list[str]:
     """Merge each LoRA into parts in place; returns one line per file. Raises ValueError for files that are
     not network files for this model."""
+    from library.models.header import header_of
+    from library.networks.compat import network_file_problem
     from library.networks.kinds import kind_of_weights
     from library.networks.merge import NetworkFileError, merge_network, read_network_file
 
     lines = []
     for path, weight in specs:
-        weights, _ = read_network_file(path)
+        weights, metadata = read_network_file(path)
+        shapes = {key: tuple(tensor.shape) for key, tensor in weights.items()}
+        if problem := network_file_problem(path, shapes, metadata, header_of(parts)):
+            raise NetworkFileError(problem)
         kind = kind_of_weights(weights)
         if kind is None:
             raise NetworkFileError(f"{path} holds no kohya LoRA modules (*.lora_down.weight); other formats cannot be "

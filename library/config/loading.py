@@ -103,7 +103,12 @@ def _suggest(model: type[BaseModel], loc: tuple) -> str:
     return f"; did you mean '{close[0]}'?" if close else f"; known keys: {', '.join(node.model_fields)}"
 
 
-def _format_error(error: dict, model: type[BaseModel], text: str, source: str, overridden: set) -> str:
+def _format_error(error: dict, model: type[BaseModel], text: str, source: str, overridden: set) -> list[str]:
+    """One bullet per problem: a validator that finds several reports them one per line."""
+    return [line for line in _error_text(error, model, text, source, overridden).split("\n") if line]
+
+
+def _error_text(error: dict, model: type[BaseModel], text: str, source: str, overridden: set) -> str:
     loc = tuple(error["loc"])
     # pydantic adds the union member name to the location of some errors; drop it
     loc = tuple(p for p in loc if not (isinstance(p, str) and p in {"bool", "literal['auto']", "int", "float"}))
@@ -120,7 +125,7 @@ def _format_error(error: dict, model: type[BaseModel], text: str, source: str, o
     message = error["msg"].removeprefix("Value error, ")
     if loc and error["type"] != "value_error":
         return f"{where}: '{dotted}' = {error.get('input')!r}: {message}"
-    return f"{where}: {message}"
+    return "\n".join(f"{where}: {line}" for line in message.split("\n"))
 
 
 EnvironmentCheck = Callable[[dict, Path], list[str]]
@@ -155,7 +160,7 @@ def load_config(path: str | Path | None, overrides: list[str], model: type[RunCo
     try:
         config = model.model_validate(data)
     except ValidationError as err:
-        problems = [_format_error(e, model, text, source, overridden) for e in err.errors()] + problems
+        problems = [line for e in err.errors() for line in _format_error(e, model, text, source, overridden)] + problems
     if problems:
         raise ConfigError(source, problems)
     return config

@@ -90,7 +90,7 @@ class DatasetSection(Section):
         if step > self.resolution:
             problems.append(f"dataset.bucket_reso_steps = {step} is larger than dataset.resolution = {self.resolution}")
         if problems:
-            raise ValueError("; ".join(problems))
+            raise ValueError("\n".join(problems))  # one bullet each
         return self
 
     @model_validator(mode="after")
@@ -136,6 +136,7 @@ class TrainSection(Section):
     seed: int = 42
     noise_offset: float = Field(0.0, ge=0, le=1)
     min_snr_gamma: float = Field(0.0, ge=0)  # 0 = off
+    max_token_length: Literal[75, 150, 225] = 75  # caption tokens the text encoder reads (sd-scripts' option)
     attention: Literal["auto", "sdpa", "xformers"] = "auto"
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     num_threads: int = Field(0, ge=0)  # 0 = torch default

@@ -10,6 +10,10 @@ from library.data.errors import DatasetError
 
 # Caption extensions people's tools write; used to spot captions the configured extension does not match.
 COMMON_CAPTION_EXTENSIONS = (".txt", ".caption", ".cap", ".tags")
+# What an image without a caption file trains with: the LoRA and DreamBooth trainers (sd-scripts) use the folder's
+# class tokens; textual inversion (A1111) uses the file name.
+CLASS_TOKENS = "their folder's class tokens"
+FILE_NAME = "their file name as [filewords] (as A1111 does: leading numbers and hyphens dropped)"
 
 
 def _decode_caption(path: Path, data: bytes) -> str:

@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from library.data.captions import COMMON_CAPTION_EXTENSIONS, read_caption
+from library.data.captions import CLASS_TOKENS, COMMON_CAPTION_EXTENSIONS, read_caption
 from library.data.errors import DatasetError
 from library.data.images import IMAGE_EXTENSIONS, image_problem
 
@@ -21,6 +21,7 @@ from library.data.images import IMAGE_EXTENSIONS, image_problem
 _UNSUPPORTED_IMAGE_EXTENSIONS = (".gif", ".tif", ".tiff", ".avif", ".heic", ".heif", ".jxl", ".psd", ".svg")
 _LIST_LIMIT = 10
 _FOLDER_NAME = re.compile(r"^(\d+)_(.*)$", re.DOTALL)
+
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,7 @@ class DatasetScan:
     missing_captions: list[Path]  # images whose caption fell back to the class tokens (no file, or empty file)
     bad_images: list[tuple[Path, str]]  # (path, reason)
     notes: list[str] = field(default_factory=list)  # hints: caption-extension mismatch, skipped files, ...
+    captionless: str = CLASS_TOKENS  # what an image without a caption trains with (see scan_subsets)
 
     @property
     def train_items(self) -> list[ImageItem]:
@@ -85,7 +87,7 @@ class DatasetScan:
                          "(before balancing)")
         if self.missing_captions:
             lines.append(f"{_count(len(self.missing_captions), 'image')} without a caption (or with an empty "
-                         "one) use their folder's class tokens:")
+                         f"one) use {self.captionless}:")
             lines.extend(_limited([f"  {path}" for path in self.missing_captions]))
         if self.bad_images:
             lines.append(f"{_count(len(self.bad_images), 'image')} cannot be read:")
@@ -229,7 +231,8 @@ def _found_text(listing: _FolderListing) -> str:
     return ", ".join(parts) if parts else "nothing"
 
 
-def _folder_notes(subset: Subset, listing: _FolderListing, ext: str, missing: list[Path]) -> list[str]:
+def _folder_notes(subset: Subset, listing: _FolderListing, ext: str, missing: list[Path], captionless: str
+                  ) -> list[str]:
     notes = []
     if not listing.images:
         notes.append(f"{subset.image_dir}: no images in this folder (supported: {' '.join(IMAGE_EXTENSIONS)})")
@@ -244,7 +247,7 @@ def _folder_notes(subset: Subset, listing: _FolderListing, ext: str, missing: li
                     f"'{other_ext}' file beside them; if those are your captions, "
                     f'set caption_extension = "{other_ext}"'
                 )
-        if not subset.class_tokens:
+        if not subset.class_tokens and captionless == CLASS_TOKENS:
             notes.append(
                 f"{subset.image_dir}: the folder name gives no class tokens, so {len(missing)} images without "
                 "a caption train with an empty caption"
@@ -274,7 +277,8 @@ def _check_images(paths: list[Path], workers: int | None) -> list[str | None]:
         return list(pool.map(image_problem, paths))
 
 
-def scan_subsets(subsets: list[Subset], check_images: bool = True, workers: int | None = None) -> DatasetScan:
+def scan_subsets(subsets: list[Subset], check_images: bool = True, workers: int | None = None,
+                 captionless: str = CLASS_TOKENS) -> DatasetScan:
     """Find every subset's images and captions (not recursive; sorted by file name).
 
     Missing or empty captions fall back to the class tokens. With `check_images`, every image is fully
@@ -326,8 +330,9 @@ def scan_subsets(subsets: list[Subset], check_images: bool = True, workers: int 
     for index, listing in listings.items():
         subset = subsets[index]
         folder_missing = [p for p in missing if p.parent == subset.image_dir]
-        notes.extend(_folder_notes(subset, listing, _normalise_extension(subset.caption_extension), folder_missing))
-    return DatasetScan(list(subsets), items, missing, bad, notes)
+        notes.extend(_folder_notes(subset, listing, _normalise_extension(subset.caption_extension), folder_missing,
+                                   captionless))
+    return DatasetScan(list(subsets), items, missing, bad, notes, captionless)
 
 
 def _empty_problems(subsets: list[Subset], listings: dict[int, _FolderListing]) -> list[str]:

@@ -135,13 +135,15 @@ class ConditioningSource:
     caption is encoded once and kept (on the CPU): valid only while no text encoder trains and captions never
     vary, which the run step checks and this class re-checks for what the run trains."""
 
-    def __init__(self, parts, clip_skip: int = 1, cache: bool = False, trains_text_encoder: bool = False):
+    def __init__(self, parts, clip_skip: int = 1, cache: bool = False, trains_text_encoder: bool = False,
+                 max_token_length: int = 75):
         if cache and trains_text_encoder:
             raise ValueError("dataset.cache_text_encoder_outputs = true, but this run trains the text encoder "
                              "(LoRA: network.train_text_encoder; textual inversion always does), so its outputs "
                              "change every step: set dataset.cache_text_encoder_outputs = false")
         self.parts = parts
         self.clip_skip = clip_skip
+        self.max_token_length = max_token_length
         self.cache: dict[str, TextEncoding] | None = {} if cache else None
 
     def encode(self, captions: list[str], grad: bool = False) -> TextEncoding:
@@ -149,10 +151,10 @@ class ConditioningSource:
         family = self.parts.family
         if self.cache is None:
             with torch.set_grad_enabled(grad):
-                return family.encode_text(self.parts, captions, self.clip_skip)
+                return family.encode_text(self.parts, captions, self.clip_skip, self.max_token_length)
         missing = [c for c in dict.fromkeys(captions) if c not in self.cache]
         if missing:
             with torch.no_grad():
-                rows = family.encode_text(self.parts, missing, self.clip_skip).rows()
+                rows = family.encode_text(self.parts, missing, self.clip_skip, self.max_token_length).rows()
             self.cache.update(zip(missing, rows))
         return TextEncoding.stack([self.cache[c] for c in captions], self.parts.text_encoders[0].device)

@@ -95,6 +95,32 @@ def clip_vocabulary() -> dict[str, int]:
     return dict(_vocab_and_merges()[0])
 
 
+@lru_cache(maxsize=1)
+def _counting_tokenizer():
+    """The CLIP BPE as a bare `tokenizers` pipeline, built the way transformers' CLIPTokenizer builds its own
+    (normaliser, pre-tokeniser, BPE). It only counts tokens, for config checks that must not wait for
+    transformers to import; tests/models/test_models.py checks it splits text exactly as CLIPTokenizer does."""
+    from tokenizers import Regex, Tokenizer, normalizers, pre_tokenizers
+    from tokenizers.models import BPE
+
+    vocab, merges = _vocab_and_merges()
+    tokenizer = Tokenizer(BPE(vocab=dict(vocab), merges=list(merges), dropout=None, continuing_subword_prefix="",
+                              end_of_word_suffix="</w>", fuse_unk=False, unk_token=EOS_TOKEN))
+    tokenizer.normalizer = normalizers.Sequence(
+        [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()])
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|"""
+                                   r"""[^\s\p{L}\p{N}]+"""), behavior="removed", invert=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    tokenizer.add_special_tokens([BOS_TOKEN, EOS_TOKEN])  # written in a caption, they stay one token each
+    return tokenizer
+
+
+def count_clip_tokens(texts: list[str]) -> list[int]:
+    """How many CLIP tokens each text has (start and end tokens not counted)."""
+    return [len(encoding.ids) for encoding in _counting_tokenizer().encode_batch(texts, add_special_tokens=False)]
+
+
 def build_clip_tokenizer(pad_token: str = EOS_TOKEN):
     """A fresh CLIPTokenizer built without network access. SD1 pads with the end token, SD2 and SDXL's second
     encoder (OpenCLIP) with "!" (id 0): the padded positions change the text-encoder output, so the model

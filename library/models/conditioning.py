@@ -11,10 +11,45 @@ from dataclasses import dataclass, field
 import torch
 
 
+CHUNK = 75  # caption tokens per text-encoder pass (77 with the start and end tokens)
+
+
 def tokenize(tokenizer, captions: list[str]) -> torch.Tensor:
     """Token ids padded/truncated to the tokenizer's 77-token window."""
     return tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length,
                      truncation=True, return_tensors="pt").input_ids
+
+
+def tokenize_chunks(tokenizer, captions: list[str], max_token_length: int = CHUNK) -> torch.Tensor:
+    """[B, n, 77] token ids for captions of up to `max_token_length` (75, 150 or 225) tokens, as sd-scripts
+    splits them: the ids padded to max_token_length + 2, cut into n = max_token_length / 75 windows of the start
+    token, 75 tokens and the sequence's last token. With a pad token other than the end token (SD2, SDXL's second
+    encoder) a window whose text ends inside it gets an end token, and an empty window starts with one."""
+    ids = tokenizer(captions, padding="max_length", max_length=max_token_length + 2, truncation=True,
+                    return_tensors="pt").input_ids
+    count = max_token_length // CHUNK
+    if count == 1:
+        return ids.unsqueeze(1)
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    windows = []
+    for i in range(count):
+        window = torch.cat([ids[:, :1], ids[:, 1 + CHUNK * i:1 + CHUNK * (i + 1)], ids[:, -1:]], dim=1)
+        if pad != eos:
+            ends_inside = (window[:, -2] != eos) & (window[:, -2] != pad)
+            window[ends_inside, -1] = eos
+            window[window[:, 1] == pad, 1] = eos
+        windows.append(window)
+    return torch.stack(windows, dim=1)
+
+
+def stitch_chunks(hidden: torch.Tensor, count: int) -> torch.Tensor:
+    """[B·n, 77, D] states of n windows per caption → [B, 1 + 75·n + 1, D]: the first window's start token,
+    the 75 caption tokens of every window, the last window's final token (sd-scripts' long-caption layout)."""
+    if count == 1:
+        return hidden
+    per_caption = hidden.reshape(-1, count, *hidden.shape[1:])
+    middle = per_caption[:, :, 1:-1].reshape(per_caption.shape[0], -1, hidden.shape[-1])
+    return torch.cat([per_caption[:, 0, :1], middle, per_caption[:, -1, -1:]], dim=1)
 
 
 def encode_text(text_encoder, input_ids: torch.Tensor, clip_skip: int = 1) -> torch.Tensor:

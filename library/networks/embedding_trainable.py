@@ -21,7 +21,7 @@ class EmbeddingTrainable:
     trains_text_encoder = True  # gradients flow through the frozen text encoder into the vectors
 
     def __init__(self, parts: ModelParts, name: str, vectors: torch.Tensor, token_ids: list[int], lr: float,
-                 file_format: str = "pt", save_dtype: torch.dtype = torch.float32):
+                 file_format: str = "pt", save_dtype: torch.dtype = torch.float32, checkpoint_hash: str | None = None):
         self.parts = parts
         self.name = name
         self.token_ids = list(token_ids)
@@ -29,6 +29,7 @@ class EmbeddingTrainable:
         self.artifact_suffix = f".{file_format}"
         self.save_dtype = save_dtype
         self.checkpoint_name = Path(parts.source).stem if parts.source else None
+        self.checkpoint_hash = checkpoint_hash  # A1111's short hash of the model file (its sd_checkpoint)
         self.vec = torch.nn.Parameter(vectors.detach().clone().float())
         for module in parts.networks():
             module.requires_grad_(False)
@@ -74,7 +75,7 @@ class EmbeddingTrainable:
     def embedding(self, name: str, step: int) -> Embedding:
         """The vectors as saved (in the save precision, back in fp32), so checksums match the file."""
         vectors = self.vec.detach().cpu().to(self.save_dtype).float()
-        return Embedding(name, vectors, step, None, self.checkpoint_name)
+        return Embedding(name, vectors, step, self.checkpoint_hash, self.checkpoint_name)
 
     def save(self, path: Path, progress: Progress) -> None:
         self.sync_rows()

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from library.errors import UserError
 from library.models.parts import ModelParts
 from library.networks.base import NetworkSpec, Target
 from library.networks.lora import LORA
@@ -23,6 +24,10 @@ from library.networks.targets import text_encoder_targets, unet_targets
 # Below this largest absolute weight change a text encoder counts as unchanged (DreamBooth runs that froze
 # it), as sd-scripts decides; an unchanged part is left out of the file instead of written as zeros.
 UNCHANGED = 1e-6
+
+
+class ExtractError(UserError, ValueError):
+    """The two models cannot be compared module by module; the message says why."""
 
 
 @dataclass(frozen=True)
@@ -73,7 +78,7 @@ def _extract_part(tuned: nn.Module, base: nn.Module, targets: list[Target], sett
     for target in targets:
         key = f"{target.path}.weight"
         if key not in base_weights or tuned_weights[key].shape != base_weights[key].shape:
-            raise ValueError(f"{target.path}: the fine-tuned and base models differ in shape there; extract from "
+            raise ExtractError(f"{target.path}: the fine-tuned and base models differ in shape there; extract from "
                              "the model the fine-tune started from")
         deltas[target] = tuned_weights[key].detach().to(device, torch.float32) - base_weights[key].detach().to(
             device, torch.float32)
@@ -98,7 +103,7 @@ def extract_lora(tuned: ModelParts, base: ModelParts, settings: ExtractSettings,
     All of a part's modules are written or none: diffusers mis-reads text-encoder LoRAs that adapt only some
     projections (REFERENCE.md)."""
     if (tuned.family, _config_of(tuned)) != (base.family, _config_of(base)):
-        raise ValueError(f"the models have different architectures ({tuned.source}: {tuned.family.label}, "
+        raise ExtractError(f"the models have different architectures ({tuned.source}: {tuned.family.label}, "
                          f"{base.source}: {base.family.label}); extract from the model the fine-tune started from")
     device = torch.device(device)
     tensors: dict[str, torch.Tensor] = {}

@@ -125,7 +125,7 @@ class LoraKind(NetworkKind):
         if spec.dropout:
             args["dropout"] = str(spec.dropout)
         return {"ss_network_module": "networks.lora", "ss_network_dim": str(spec.rank),
-                "ss_network_alpha": f"{spec.alpha:g}", "ss_network_args": json.dumps(args),
+                "ss_network_alpha": str(float(spec.alpha)), "ss_network_args": json.dumps(args),
                 "ss_network_dropout": str(spec.dropout)}
 
     def describe(self, spec: NetworkSpec) -> str:

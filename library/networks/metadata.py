@@ -2,16 +2,20 @@
 from __future__ import annotations
 
 import datetime
+import hashlib
 import json
 import time
 import uuid
 from collections import Counter
 from pathlib import Path
 
-from library.config.schema import RunConfig
+import torch
+from safetensors.torch import save as save_safetensors_bytes
+
 from library.data.folders import DatasetScan
+from library.models.hashes import legacy_model_hash
 from library.models.parts import ModelParts
-from library.training.plan import TrainingPlan
+from library.training.resolved import ResolvedRun
 
 
 def tag_frequency(scan: DatasetScan) -> dict[str, dict[str, int]]:
@@ -48,10 +52,34 @@ def model_metadata(parts: ModelParts, title: str, resolution: int | None = None)
     return values
 
 
-def training_metadata(config: RunConfig, parts: ModelParts, scan: DatasetScan, plan: TrainingPlan,
-                      warmup_steps: int, lrs: dict[str, float], network: dict[str, str]) -> dict[str, str]:
+def bucket_info(run: ResolvedRun) -> dict[str, str]:
+    """ss_bucket_info and the resolved bucket range, as sd-scripts records them when buckets are on."""
+    ds, buckets = run.config.dataset, run.buckets
+    if buckets is None:
+        return {"ss_min_bucket_reso": "None", "ss_max_bucket_reso": "None"}
+    rows = buckets.rows(run.data.items)
+    info = {"buckets": {str(i): {"resolution": list(size), "count": samples} for i, (size, _, samples) in enumerate(rows)},
+            "mean_img_ar_error": buckets.mean_aspect_error()}
+    return {"ss_bucket_info": json.dumps(info), "ss_min_bucket_reso": str(buckets.settings.min_reso),
+            "ss_max_bucket_reso": str(buckets.settings.max_reso), "ss_bucket_reso_steps": str(ds.bucket_reso_steps)}
+
+
+def safetensors_hashes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> dict[str, str]:
+    """sshs_model_hash / sshs_legacy_hash as sd-scripts precomputes them (for sd-webui-additional-networks):
+    the file as written with only its ss_* metadata; SHA-256 of everything after the header, and the old
+    64 KiB-at-1 MiB hash."""
+    data = save_safetensors_bytes({k: v.contiguous() for k, v in tensors.items()},
+                                  {k: v for k, v in metadata.items() if k.startswith("ss_")})
+    header = int.from_bytes(data[:8], "little")
+    legacy = hashlib.sha256(data[0x100000:0x110000]).hexdigest()[:8]
+    return {"sshs_model_hash": hashlib.sha256(data[8 + header:]).hexdigest(), "sshs_legacy_hash": legacy}
+
+
+def training_metadata(run: ResolvedRun, parts: ModelParts, lrs: dict[str, float], network: dict[str, str]
+                      ) -> dict[str, str]:
     """A training run's metadata as sd-scripts writes it. `lrs`: the rates per trained group ("unet",
     "text_encoder"); `network`: the network kind's ss_network_* entries."""
+    config, scan, plan = run.config, run.scan, run.plan
     opt, train, ds = config.optimizer, config.train, config.dataset
     text_rates = [str(lr) for group, lr in lrs.items() if group != "unet"]
     values = {
@@ -64,7 +92,7 @@ def training_metadata(config: RunConfig, parts: ModelParts, scan: DatasetScan, p
         "ss_text_encoder_lr": ",".join(text_rates) if text_rates else "0",
         "ss_optimizer": f"{opt.name}({json.dumps(opt.args)})" if opt.args else opt.name,
         "ss_lr_scheduler": opt.scheduler,
-        "ss_lr_warmup_steps": str(warmup_steps),
+        "ss_lr_warmup_steps": str(run.warmup_steps),
         "ss_max_train_steps": str(plan.total_steps),
         "ss_num_epochs": str(plan.epochs),
         "ss_num_batches_per_epoch": str(plan.batches_per_epoch),
@@ -84,9 +112,11 @@ def training_metadata(config: RunConfig, parts: ModelParts, scan: DatasetScan, p
         "ss_caption_tag_dropout_rate": str(ds.caption_tag_dropout_rate),
         "ss_flip_aug": str(ds.flip_aug),
         "ss_enable_bucket": str(ds.enable_buckets),
-        "ss_min_bucket_reso": str(ds.min_bucket_reso),
-        "ss_max_bucket_reso": str(ds.max_bucket_reso),
+        **bucket_info(run),
         "ss_bucket_no_upscale": str(ds.bucket_no_upscale),
+        "ss_gradient_checkpointing": str(train.gradient_checkpointing),
+        "ss_max_token_length": str(train.max_token_length) if train.max_token_length != 75 else "None",
+        "ss_sd_model_hash": legacy_model_hash(config.model.path) or "",
         "ss_prior_loss_weight": str(ds.prior_loss_weight),
         "ss_tag_frequency": json.dumps(tag_frequency(scan), ensure_ascii=False),
         "ss_dataset_dirs": json.dumps(dataset_dirs(scan), ensure_ascii=False),

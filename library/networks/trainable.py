@@ -11,6 +11,7 @@ from torch import nn
 from library.models.parts import ModelParts
 from library.networks.base import NetworkKind, NetworkSpec, Target
 from library.networks.merge import read_network_file
+from library.networks.metadata import safetensors_hashes
 from library.networks.targets import text_encoder_targets, unet_targets
 from library.training.checkpoints import Progress, atomic_save_safetensors
 
@@ -101,4 +102,5 @@ class NetworkTrainable:
     def save(self, path: Path, progress: Progress) -> None:
         metadata = {**self.metadata, "ss_steps": str(progress.global_step), "ss_epoch": str(progress.epoch),
                     "ss_training_finished_at": str(int(time.time()))}
-        atomic_save_safetensors(self.file_tensors(self.save_dtype), path, metadata)
+        tensors = self.file_tensors(self.save_dtype)
+        atomic_save_safetensors(tensors, path, {**metadata, **safetensors_hashes(tensors, metadata)})

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import csv
 import datetime
+import json
 from pathlib import Path
 
+from library.atomic import write_text_atomically
 from library.data.batches import Batch, hash_ints
 from library.networks.embedding_names import expand_name
 from library.networks.embedding_trainable import EmbeddingTrainable
 from library.networks.embeddings import save_embedding, save_optimizer_state, save_png
+from library.networks.image_embed import caption_overlay, embed_in_pixels
 from library.sampling.prompt_file import SampleSpec
 from library.sampling.preview import generate
 from library.training.hooks import TrainerHooks
@@ -59,7 +62,8 @@ class A1111Log(TrainerHooks):
             writer = csv.writer(handle)
             if new:
                 writer.writerow(["step", "epoch", "epoch_step", "loss", "learn_rate"])
-            writer.writerow([step, (step - 1) // per_epoch, (step - 1) % per_epoch, f"{loss:.7f}", lr])
+            # epoch counts from 0 and epoch_step from 1 within it, as in A1111's CSVs
+            writer.writerow([step, (step - 1) // per_epoch, (step - 1) % per_epoch + 1, f"{loss:.7f}", lr])
 
     def save_copy(self, step: int, loop: LoopParts) -> Path:
         name = f"{self.name}-{step}"
@@ -82,9 +86,34 @@ class A1111Log(TrainerHooks):
 
     def preview(self, step: int, batch: Batch) -> None:
         spec = self.preview_spec(step, batch)
-        image = generate(self.trainable.parts, spec, self.config.model.clip_skip)
+        image = generate(self.trainable.parts, spec, self.config.model.clip_skip, self.config.train.max_token_length)
         name = f"{self.name}-{step}"
         save_png(image, self.folder / "images" / f"{name}.png", parameters=spec.infotext())
         if self.config.ti_log.save_image_with_stored_embedding:
-            save_png(image, self.folder / "image_embeddings" / f"{name}.png",
-                     embedding=self.trainable.embedding(name, step), parameters=spec.infotext())
+            embedding = self.trainable.embedding(name, step)
+            trainable = self.trainable
+            captioned = caption_overlay(image, f"<{self.name}>", trainable.checkpoint_name or "",
+                                        f"[{trainable.checkpoint_hash or ''}]", f"{len(embedding.vectors)}v {step}s")
+            save_png(embed_in_pixels(captioned, embedding.a1111_dict()),
+                     self.folder / "image_embeddings" / f"{name}.png", embedding=embedding, parameters=spec.infotext())
+
+    def before_train(self, trainer: Trainer, loop: LoopParts) -> None:
+        """A1111's "settings at start" file, settings-<date>_<time>.json, with A1111's keys."""
+        config, plan, emb, log = self.config, trainer.plan, self.config.embedding, self.config.ti_log
+        now = datetime.datetime.now()
+        settings = {
+            "datetime": now.strftime("%Y-%m-%d %H:%M:%S"), "model_name": self.trainable.checkpoint_name,
+            "model_hash": self.trainable.checkpoint_hash, "initial_step": trainer.progress.global_step,
+            "num_of_dataset_images": len(trainer.data.items), "learn_rate": emb.learn_rate or str(config.optimizer.lr),
+            "batch_size": config.train.batch_size, "gradient_step": config.train.gradient_accumulation_steps,
+            "clip_grad_mode": "norm" if config.optimizer.max_grad_norm else None,
+            "clip_grad_value": config.optimizer.max_grad_norm or None, "data_root": config.dataset.train_dir,
+            "log_directory": str(self.folder), "training_width": config.dataset.resolution,
+            "training_height": config.dataset.resolution, "steps": plan.total_steps,
+            "create_image_every": log.create_image_every, "template_file": str(emb.template),
+            "latent_sampling_method": emb.latent_sampling_method, "embedding_name": self.name,
+            "num_vectors_per_token": emb.vectors, "save_embedding_every": log.save_embedding_every,
+            "save_image_with_stored_embedding": log.save_image_with_stored_embedding}
+        path = self.folder / f"settings-{now.strftime('%Y-%m-%d_%H-%M-%S')}.json"
+        write_text_atomically(path, json.dumps(settings, indent=2) + "\n")
+        print(f"training settings: {path}")

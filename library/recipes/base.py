@@ -6,10 +6,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
+from library.data.captions import CLASS_TOKENS
+
 if TYPE_CHECKING:  # the heavy modules load only once the config is valid (fast --help and --check)
     from library.config.schema import RunConfig
     from library.data.batches import TrainingData
-    from library.data.folders import Subset
+    from library.data.folders import ImageItem, Subset
     from library.models.header import ModelHeader
     from library.models.parts import ModelParts
     from library.training.hooks import TrainerHooks
@@ -46,6 +48,7 @@ class Recipe:
     config_class: type["RunConfig"]
     # (section, key, "file" | "folder") of this trainer's own paths: resolved and checked like the shared ones
     path_keys: tuple[tuple[str, str, str], ...] = ()
+    captionless = CLASS_TOKENS  # what an image without a caption trains with (the summary says it)
 
     def environment_problems(self, data: dict) -> list[str]:
         """Checks of this trainer's sections that need files, a registry or a tokenizer, on the raw config data
@@ -77,6 +80,12 @@ class Recipe:
     def latent_draw(self, config: "RunConfig", cached: bool) -> str:
         """How latents are drawn from the VAE's distribution (library/data/sources.py LATENT_DRAWS)."""
         return "once" if cached else "step"
+
+    def longest_prompts(self, config: "RunConfig", items: list["ImageItem"]) -> list[str]:
+        """Per image, the longest text its prompts give the text encoder (checked against max_token_length)."""
+        ds = config.dataset
+        return [", ".join(p for p in (ds.caption_prefix.strip(), item.caption.strip(), ds.caption_suffix.strip()) if p)
+                for item in items]
 
     def adjust_plan(self, config: "RunConfig", plan: "TrainingPlan") -> PlanChange:
         return PlanChange(plan)

@@ -34,6 +34,9 @@ def _check_path(section: dict, key: str, label: str, base: Path, kind: str) -> s
         return None
     resolved = resolve_path(value, base)
     exists = resolved.is_dir() if kind == "folder" else resolved.is_file()
+    if not exists and resolved.exists():
+        other = "a file" if kind == "folder" else "a folder"
+        return f"{label}: {value} is {other}, not a {kind}"
     if not exists:
         return f"{label}: {kind} not found: {value}"
     section[key] = str(resolved)

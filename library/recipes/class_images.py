@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from tqdm import tqdm
@@ -17,8 +18,10 @@ from tqdm import tqdm
 from library.atomic import write_atomically
 from library.data.batches import hash_ints
 from library.data.images import IMAGE_EXTENSIONS
-from library.models.parts import ModelParts
 from library.training.device import resolve_device
+
+if TYPE_CHECKING:  # the model libraries load only when images are generated
+    from library.models.parts import ModelParts
 
 GENERATED_PREFIX = "kiln-class-"
 _SEED_SALT = 0x636C617373  # "class": keeps these seeds apart from the training-noise seeds
@@ -82,7 +85,7 @@ def _autocast(device: torch.device, mixed_precision: str):
 
 
 @torch.no_grad()
-def generate_class_images(parts: ModelParts, config, status: ClassImageStatus) -> list[Path]:
+def generate_class_images(parts: "ModelParts", config, status: ClassImageStatus) -> list[Path]:
     """Generate status.missing images from dreambooth.class_prompt into status.folder (square, at
     dataset.resolution); returns the new image paths."""
     db, ds = config.dreambooth, config.dataset

@@ -43,7 +43,7 @@ class DreamBoothRunConfig(RunConfig):
     @model_validator(mode="after")
     def _dreambooth_rules(self) -> "DreamBoothRunConfig":
         if problems := _dreambooth_problems(self):
-            raise ValueError("; ".join(problems))
+            raise ValueError("\n".join(problems))  # one bullet each
         return self
 
 

@@ -77,7 +77,7 @@ class LoraRecipe(Recipe):
             lrs.update({slot.group: net.text_encoder_lr or lr for slot in parts.family.text_encoders})
         kind = kind_named(net.type)
         spec = NetworkSpec(net.rank, net.alpha, net.conv_rank, net.conv_alpha, net.dropout)
-        metadata = training_metadata(config, parts, run.scan, run.plan, run.warmup_steps, lrs, kind.metadata(spec))
+        metadata = training_metadata(run, parts, lrs, kind.metadata(spec))
         trainable = NetworkTrainable(parts, kind, spec, lrs, config.train.seed, run.save_dtype, metadata)
         lines = [trainable.start_from(net.init_weights)] if net.init_weights else []
         return Built(trainable, lines=lines + [trainable.describe()])

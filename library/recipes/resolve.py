@@ -3,14 +3,18 @@ assign buckets, plan the steps and resolve every key that needs interpreting —
 (latent mode, draw and cache folder, warmup, schedule, device, dtypes). Nothing here loads model weights."""
 from __future__ import annotations
 
+import dataclasses
+import json
 from pathlib import Path
 
 from library.config.schema import DatasetSection, RunConfig
 from library.data.batches import TrainingData
-from library.data.buckets import BucketSettings, assign_buckets, auto_bucket_range
+from library.data.buckets import BucketAssignment, BucketSettings, assign_buckets, auto_bucket_range
 from library.data.captions import CaptionOptions
 from library.data.errors import DatasetError
-from library.data.folders import (DatasetScan, Subset, balance_reg_items, reg_balance_message, scan_subsets, subsets_from_folder)
+from library.data.captions import CLASS_TOKENS
+from library.data.folders import (DatasetScan, Subset, balance_reg_items, reg_balance_message,
+                                  scan_subsets, subsets_from_folder)
 from library.data.latent_cache import default_cache_dir
 from library.recipes.base import Recipe
 from library.training.device import SAVE_DTYPES, WEIGHT_DTYPES, resolve_device
@@ -56,9 +60,10 @@ def dataset_subsets(ds: DatasetSection, extra: list[Subset] | None = None) -> li
     return subsets + list(extra or [])
 
 
-def scan_dataset(ds: DatasetSection, extra: list[Subset] | None = None) -> DatasetScan:
+def scan_dataset(ds: DatasetSection, extra: list[Subset] | None = None, captionless: str = CLASS_TOKENS
+                 ) -> DatasetScan:
     """Scan folders and images; bad images stop the run unless dataset.skip_bad_images is set."""
-    scan = scan_subsets(dataset_subsets(ds, extra))
+    scan = scan_subsets(dataset_subsets(ds, extra), captionless=captionless)
     if scan.bad_images and not ds.skip_bad_images:
         listed = "\n".join(f"  {path}: {reason}" for path, reason in scan.bad_images)
         raise DatasetError(f"{len(scan.bad_images)} image(s) cannot be read:\n{listed}\n"
@@ -87,7 +92,8 @@ def _text_cache_problem(config: RunConfig, recipe: Recipe) -> str | None:
     return None
 
 
-def _training_data(config: RunConfig, scan: DatasetScan, notes: list[str]) -> TrainingData:
+def _training_data(config: RunConfig, scan: DatasetScan, notes: list[str]
+                   ) -> tuple[TrainingData, BucketAssignment | None]:
     """Training items (reg repeats balanced as sd-scripts does), their buckets, captions and batching."""
     ds, train = config.dataset, config.train
     reg = scan.reg_items
@@ -96,7 +102,7 @@ def _training_data(config: RunConfig, scan: DatasetScan, notes: list[str]) -> Tr
             notes.append(message)
         reg = balance_reg_items(scan.num_train_samples(), reg)
     items = scan.train_items + reg
-    sizes = None
+    sizes, buckets = None, None
     if ds.enable_buckets:
         buckets = assign_buckets(items, bucket_settings(ds))
         sizes = buckets.sizes
@@ -106,21 +112,55 @@ def _training_data(config: RunConfig, scan: DatasetScan, notes: list[str]) -> Tr
     captions = CaptionOptions(ds.caption_prefix, ds.caption_suffix, ds.shuffle_caption, ds.keep_tokens,
                               ds.caption_dropout_rate, ds.caption_tag_dropout_rate)
     return TrainingData(items, captions, ds.resolution, train.batch_size, train.seed, ds.flip_aug, ds.random_crop,
-                        sizes)
+                        sizes), buckets
+
+
+def long_caption_notes(config: RunConfig, recipe: Recipe, scan: DatasetScan) -> list[str]:
+    """Images whose prompts have more tokens than train.max_token_length reads (the rest would be cut)."""
+    from library.models.clip_tokenizer import TokenizerUnavailable, count_clip_tokens
+
+    limit = config.train.max_token_length
+    texts = recipe.longest_prompts(config, scan.items)
+    candidates = [(item, text) for item, text in zip(scan.items, texts) if len(text.encode("utf-8")) > limit]
+    if not candidates:  # a token covers at least one byte: nothing this short can be too long
+        return []
+    try:
+        counts = count_clip_tokens([text for _, text in candidates])
+    except TokenizerUnavailable:
+        return []  # the model's own tokenizer cuts them all the same; nothing to list without the vocabulary
+    long = [(item.path, n) for (item, _), n in zip(candidates, counts) if n > limit]
+    if not long:
+        return []
+    listed = [f"  {path} ({n} tokens)" for path, n in long[:10]] + ([f"  ... and {len(long) - 10} more"]
+                                                                     if len(long) > 10 else [])
+    longest = max(n for _, n in long)
+    hint = "set train.max_token_length = 150 or 225" if longest <= 225 and limit < 225 else "shorten them"
+    return [f"{len(long)} image(s) have prompts longer than train.max_token_length = {limit} tokens; the text "
+            f"encoder reads only the first {limit} ({hint} to keep the rest):"] + listed
+
+
+def _resumed_step(state_folder: Path) -> int:
+    """The step a save.resume state was saved at (0 when it cannot tell; loading the state says why)."""
+    try:
+        return int(json.loads((state_folder / "progress.json").read_text(encoding="utf-8"))["global_step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0
 
 
 def resolve(config: RunConfig, recipe: Recipe) -> ResolvedRun:
     """Scan, plan and resolve a valid config. DatasetError or ValueError (one line each) for what only the
     dataset shows."""
     ds, train, opt = config.dataset, config.train, config.optimizer
-    scan = scan_dataset(ds, recipe.extra_subsets(config))
+    scan = scan_dataset(ds, recipe.extra_subsets(config), recipe.captionless)
     if problem := _text_cache_problem(config, recipe):
         raise ValueError(problem)
-    notes: list[str] = []
-    data = _training_data(config, scan, notes)
+    notes: list[str] = long_caption_notes(config, recipe, scan)
+    data, buckets = _training_data(config, scan, notes)
     reg_samples = sum(item.repeats for item in data.items if item.is_reg)
     plan = make_plan(scan.num_train_samples(), reg_samples, train.batch_size, len(data.epoch_batches(0)),
                      train.gradient_accumulation_steps, train.max_steps, train.epochs)
+    if config.save.resume:
+        plan = dataclasses.replace(plan, done=_resumed_step(Path(config.save.resume)))
     change = recipe.adjust_plan(config, plan)
     notes.extend(change.notes)
     cache_dir = latent_cache_dir(ds) if ds.cache_latents == "disk" else None
@@ -133,4 +173,4 @@ def resolve(config: RunConfig, recipe: Recipe) -> ResolvedRun:
         warmup_steps=resolve_warmup_steps(change.plan.total_steps, opt.warmup_steps, opt.warmup_ratio),
         lr_schedule=change.lr_schedule, device=resolve_device(train.device),
         weight_dtype=WEIGHT_DTYPES[train.mixed_precision], save_dtype=SAVE_DTYPES[config.save.precision],
-        cache_text_encoder_outputs=ds.cache_text_encoder_outputs, notes=notes)
+        cache_text_encoder_outputs=ds.cache_text_encoder_outputs, notes=notes, buckets=buckets)

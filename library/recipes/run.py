@@ -149,7 +149,14 @@ def prepare(recipe: "Recipe", args: argparse.Namespace) -> tuple["ResolvedRun", 
 
 
 def run_recipe(recipe: "Recipe", argv: list[str] | None, description: str) -> int:
-    """A training script's whole main: returns the exit code (SystemExit with a one-line error on problems)."""
+    """A training script's whole main: returns the exit code. Expected problems print one line (or one list)
+    and exit with code 2 (SystemExit); anything else is a bug and says so (library/cli.py)."""
+    from library.cli import run_main
+
+    return run_main(lambda args: _run(recipe, args, description), argv)
+
+
+def _run(recipe: "Recipe", argv: list[str] | None, description: str) -> int:
     args = parse_args(argv, description)
     prepared = prepare(recipe, args)
     if prepared is None:

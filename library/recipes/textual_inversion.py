@@ -10,6 +10,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from library.config.schema import RunConfig, Section, fill_defaults
+from library.data.captions import FILE_NAME
 from library.networks.embedding_names import name_problem
 from library.recipes.base import Built, PlanChange, Recipe, table, value_of
 
@@ -89,7 +90,7 @@ class TIRunConfig(RunConfig):
             problems.append("embedding.learn_rate sets the whole learning-rate schedule: remove "
                             "optimizer.scheduler/warmup, or set embedding.learn_rate = \"\" to use them")
         if problems:
-            raise ValueError("; ".join(problems))
+            raise ValueError("\n".join(problems))  # one bullet each
         return self
 
 
@@ -116,6 +117,7 @@ class TextualInversionRecipe(Recipe):
     name = "textual_inversion"
     config_class = TIRunConfig
     path_keys = (("embedding", "resume", "file"),)
+    captionless = FILE_NAME
 
     def environment_problems(self, data: dict) -> list[str]:
         from library.data.prompts import template_problem
@@ -165,10 +167,26 @@ class TextualInversionRecipe(Recipe):
     def latent_draw(self, config: TIRunConfig, cached: bool) -> str:
         return config.embedding.latent_sampling_method
 
+    def longest_prompts(self, config: TIRunConfig, items: list) -> list[str]:
+        from library.data.prompts import fill_template, filename_words, template_lines
+        from library.networks.embedding_names import expand_name
+
+        emb, ds = config.embedding, config.dataset
+        lines = template_lines(emb.template)
+        longest = []
+        for item in items:
+            words = item.caption if item.caption_from_file else filename_words(item.path)
+            words = ", ".join(p for p in (ds.caption_prefix.strip(), words, ds.caption_suffix.strip()) if p)
+            filled = [expand_name(fill_template(line, emb.name, words), emb.name, emb.vectors) for line in lines]
+            longest.append(max(filled, key=len))
+        return longest
+
     def adjust_plan(self, config: TIRunConfig, plan) -> PlanChange:
         """An A1111 schedule string replaces the scheduler and ends training at its last explicit step."""
         from library.training.schedules import A1111Schedule
 
+        if config.embedding.resume:
+            plan = dataclasses.replace(plan, done=_recorded_step(config.embedding.resume))
         text = config.embedding.learn_rate
         if not text.strip():
             return PlanChange(plan)
@@ -190,6 +208,7 @@ class TextualInversionRecipe(Recipe):
         from library.networks.embedding_names import expand_name
         from library.networks.embedding_trainable import EmbeddingTrainable
         from library.networks.embeddings import add_tokens, init_vectors
+        from library.models.hashes import a1111_short_hash
         from library.recipes.a1111_log import A1111Log
 
         config: TIRunConfig = run.config
@@ -209,7 +228,8 @@ class TextualInversionRecipe(Recipe):
             vectors, origin = init_vectors(parts.tokenizer, parts.text_encoder, emb.init_text, emb.vectors)
         ids = add_tokens(parts.tokenizer, parts.text_encoder, emb.name, emb.vectors)
         lr = _first_rate(run.lr_schedule, step, run.plan.total_steps) or config.optimizer.lr
-        trainable = EmbeddingTrainable(parts, emb.name, vectors, ids, lr, emb.format, run.save_dtype)
+        trainable = EmbeddingTrainable(parts, emb.name, vectors, ids, lr, emb.format, run.save_dtype,
+                                       a1111_short_hash(config.model.path))
         lines = template_lines(emb.template)
         options = CaptionOptions(ds.caption_prefix, ds.caption_suffix, emb.shuffle_tags, ds.keep_tokens,
                                  ds.caption_dropout_rate, emb.tag_dropout)
@@ -223,6 +243,16 @@ class TextualInversionRecipe(Recipe):
         described = _describe(config, dim, origin, lines) + [f"A1111 log folder: {hooks.folder}"]
         return Built(trainable, hooks, start, prompted, described,
                      lambda text: expand_name(text, emb.name, emb.vectors))
+
+
+def _recorded_step(path: str) -> int:
+    """The step an embedding file records (0 when it records none or cannot be read; build says why)."""
+    from library.networks.embeddings import EmbeddingError, load_embedding
+
+    try:
+        return load_embedding(path).step or 0
+    except EmbeddingError:
+        return 0
 
 
 def _resumed_embedding(config: TIRunConfig, dim: int):

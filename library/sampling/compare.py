@@ -11,7 +11,9 @@ from pathlib import Path
 import torch
 
 from library.models.loading import load_model
+from library.models.header import header_of
 from library.models.parts import ModelParts
+from library.networks.compat import embedding_problem, network_file_problem
 from library.networks.embedding_names import expand_name
 from library.networks.embeddings import Embedding, add_tokens, load_embedding
 from library.networks.merge import merge_network, read_network_file, restore_weights, snapshot_weights
@@ -39,9 +41,12 @@ class Models:
             self.path, self.token_ids = settings.model, {}
         return self.parts
 
-    def embedding(self, path: str) -> Embedding:
+    def embedding(self, path: str, parts: ModelParts) -> Embedding:
         if path not in self.embeddings:
-            self.embeddings[path] = load_embedding(path)
+            embedding = load_embedding(path)
+            if problem := embedding_problem(path, embedding.vectors.shape[1], header_of(parts)):
+                raise CompareError(problem)
+            self.embeddings[path] = embedding
         return self.embeddings[path]
 
     @contextlib.contextmanager
@@ -53,7 +58,7 @@ class Models:
             spec = dataclasses.replace(spec, width=spec.width or parts.native_size(),
                                        height=spec.height or parts.native_size())
         if settings.embedding:
-            embedding = self.embedding(settings.embedding)
+            embedding = self.embedding(settings.embedding, parts)
             token = settings.token or embedding.name
             vectors = embedding.vectors.shape[0]
             ids = self.token_ids.get(token)
@@ -70,7 +75,10 @@ class Models:
         if not settings.lora:
             yield parts, spec
             return
-        weights, _ = read_network_file(settings.lora)
+        weights, metadata = read_network_file(settings.lora)
+        shapes = {key: tuple(tensor.shape) for key, tensor in weights.items()}
+        if problem := network_file_problem(settings.lora, shapes, metadata, header_of(parts)):
+            raise CompareError(problem)
         saved = snapshot_weights(parts, weights)  # each cell merges onto the untouched base
         try:
             unmatched = merge_network(parts, weights, settings.multiplier)
@@ -101,7 +109,7 @@ def render(base: Settings, axes: list[Axis | None], output_dir: Path, font_size:
     for number, key in enumerate(order, 1):
         settings = plan[key]
         with models.applied(settings) as (parts, spec):
-            image = generate(parts, spec, settings.clip_skip)
+            image = generate(parts, spec, settings.clip_skip, settings.max_token_length)
         images[key] = image
         path = output_dir / "cells" / f"x{key[0]:02d}-y{key[1]:02d}-z{key[2]:02d}.png"
         described = {**settings.describe(), "width": spec.width, "height": spec.height, "seed": spec.seed}

@@ -52,6 +52,7 @@ class Settings:
     token: str = ""  # the embedding's word in prompts; "" = the (first) embedding file's name
     sr: tuple[str, str] | None = None
     clip_skip: int = 1
+    max_token_length: int = 75
     v_parameterization: bool | None = None
     config_dir: str = ""
     extra: dict = field(default_factory=dict)

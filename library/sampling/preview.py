@@ -105,8 +105,8 @@ def to_image(pixels: torch.Tensor) -> Image.Image:
     return Image.fromarray(np.ascontiguousarray(array), mode="RGB")
 
 
-def _encoded(parts: ModelParts, text: str, clip_skip: int):
-    encoding = parts.family.encode_text(parts, [text], clip_skip)
+def _encoded(parts: ModelParts, text: str, clip_skip: int, max_token_length: int):
+    encoding = parts.family.encode_text(parts, [text], clip_skip, max_token_length)
     dtype = parts.unet.dtype
     encoding.hidden_states = encoding.hidden_states.to(dtype)
     encoding.pooled = None if encoding.pooled is None else encoding.pooled.to(dtype)
@@ -114,7 +114,7 @@ def _encoded(parts: ModelParts, text: str, clip_skip: int):
 
 
 @torch.no_grad()
-def generate(parts: ModelParts, spec: SampleSpec, clip_skip: int = 1) -> Image.Image:
+def generate(parts: ModelParts, spec: SampleSpec, clip_skip: int = 1, max_token_length: int = 75) -> Image.Image:
     """Sample one image for `spec`. Prompts go in as given: expand multi-vector names before calling.
     Leaves RNG states and every module's mode as they were."""
     if spec.width % 8 or spec.height % 8:
@@ -122,8 +122,8 @@ def generate(parts: ModelParts, spec: SampleSpec, clip_skip: int = 1) -> Image.I
     with preserved_rng(), eval_mode(*parts.networks()):
         # embeddings computed here, not by the pipeline: diffusers would re-expand multi-vector names and
         # apply its own clip_skip convention
-        embeds = parts.family.prompt_embeds(_encoded(parts, spec.prompt, clip_skip),
-                                            _encoded(parts, spec.negative_prompt, clip_skip))
+        embeds = parts.family.prompt_embeds(_encoded(parts, spec.prompt, clip_skip, max_token_length),
+                                            _encoded(parts, spec.negative_prompt, clip_skip, max_token_length))
         pipe = parts.pipeline(make_sampler(spec.sampler, parts.noise_scheduler))
         pipe.set_progress_bar_config(disable=True)
         latents = pipe(**embeds, width=spec.width,
@@ -181,6 +181,7 @@ class SamplingHooks(TrainerHooks):
         self.specs = specs
         self.name = config.save.name
         self.clip_skip = config.model.clip_skip
+        self.max_token_length = config.train.max_token_length
         self.folder = Path(config.save.output_dir) / "samples"
         self._last_step: int | None = None
 
@@ -208,7 +209,7 @@ class SamplingHooks(TrainerHooks):
         paths = []
         for index, spec in enumerate(self.specs):
             with loop.accelerator.autocast():  # the frozen weights are in the training compute dtype
-                image = generate(self.parts, spec, self.clip_skip)
+                image = generate(self.parts, spec, self.clip_skip, self.max_token_length)
             path = self.folder / sample_file_name(self.name, step, epoch, index)
             save_sample(image, path, spec, {"kiln_step": str(step), "kiln_epoch": str(epoch)})
             paths.append(path)

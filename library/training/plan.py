@@ -14,6 +14,7 @@ class TrainingPlan:
     accumulation: int
     epochs: int
     total_steps: int  # optimizer steps
+    done: int = 0  # steps a resumed run has already taken
 
     @property
     def samples_per_epoch(self) -> int:
@@ -48,6 +49,8 @@ class TrainingPlan:
                 f"total steps       : {self.total_steps} (max_steps) → ceil({self.total_steps} / "
                 f"{self.steps_per_epoch}) = {self.epochs} epoch(s), the last one partial"
             )
+        if self.done:
+            lines.append(f"resumed           : {self.done} steps done, {max(self.total_steps - self.done, 0)} to go")
         return lines
 
 

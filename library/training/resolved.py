@@ -10,6 +10,7 @@ import torch
 
 from library.config.schema import RunConfig
 from library.data.batches import TrainingData
+from library.data.buckets import BucketAssignment
 from library.data.folders import DatasetScan
 from library.training.plan import TrainingPlan
 
@@ -30,6 +31,7 @@ class ResolvedRun:
     save_dtype: torch.dtype  # save.precision
     cache_text_encoder_outputs: bool
     notes: list[str] = field(default_factory=list)  # lines for the dataset summary
+    buckets: BucketAssignment | None = None  # the aspect-ratio buckets, when dataset.enable_buckets
 
     def run_shape(self) -> dict:
         """What a resumed run must share with this one for its data order and schedule to continue exactly."""

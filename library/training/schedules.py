@@ -88,18 +88,17 @@ def build_scheduler(
 
 
 def _adafactor_lr(optimizer: torch.optim.Optimizer, group: dict) -> float:
-    """The lr Adafactor (relative_step) used on its last step, or will use on its first."""
-    for param in group["params"]:
-        state = optimizer.state.get(param, {})
-        if "step" in state:
-            return float(type(optimizer)._get_lr(group, state))
-    first = group["params"][0].detach().float()
-    rms = float(first.norm(2) / math.sqrt(first.numel()))
-    return float(type(optimizer)._get_lr(group, {"step": 1, "RMS": rms}))
+    """The lr Adafactor (relative_step) will use on its next step: it counts the step before computing it, and
+    scales by the parameter's RMS (with scale_parameter)."""
+    optimizer = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps it: ask the real Adafactor
+    param = group["params"][0]
+    state = optimizer.state.get(param, {})
+    rms = float(param.detach().float().norm(2) / math.sqrt(param.numel()))
+    return float(type(optimizer)._get_lr(group, {"step": state.get("step", 0) + 1, "RMS": rms}))
 
 
 def current_lrs(scheduler: LRScheduler | None, optimizer: torch.optim.Optimizer) -> dict[str, float]:
-    """Effective lr per param group (keyed by group["name"], else "group<i>") for logging.
+    """Effective lr per param group (keyed by group["name"], else "group<i>") that the next optimizer step uses.
 
     Plain groups report the scheduler's last lr; D-Adaptation/Prodigy groups report d*lr (the step size
     they really take); Adafactor with relative_step reports the lr it computes itself.

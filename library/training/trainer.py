@@ -22,6 +22,7 @@ from library.training.hooks import TrainerHooks
 from library.training.logs import RunLog
 from library.training.loss import (make_noise, min_snr_weights, per_sample_loss, pixel_weighted_loss,
                                    sample_timesteps, target_for)
+from library.registry import canonical_optimizer_name
 from library.training.optimizers import build_optimizer, uses_relative_step
 from library.training.resolved import ResolvedRun
 from library.training.schedules import A1111Schedule, a1111_lambda_scheduler, build_scheduler, current_lrs
@@ -90,6 +91,25 @@ class Trainer:
                 scheduler.step()
         return scheduler
 
+    def _optimizer_line(self) -> str:
+        """What the run optimizes with, as it starts: optimizer and its args, schedule, rate per group."""
+        opt = self.config.optimizer
+        args = ", ".join(f"{key}={value}" for key, value in opt.args.items())
+        name = f"{canonical_optimizer_name(opt.name)}({args})" if args else canonical_optimizer_name(opt.name)
+        if self.run.lr_schedule is not None:
+            schedule = f"A1111 schedule {self.run.lr_schedule!r}"
+        elif uses_relative_step(opt.name, opt.args):
+            schedule = "Adafactor's own (relative_step: it computes each step's rate)"
+        else:
+            warmup = f" with {self.run.warmup_steps} warmup steps" if self.run.warmup_steps else ""
+            schedule = f"{opt.scheduler}{warmup} over {self.plan.total_steps} steps"
+        rates = ", ".join(f"{group['name']} {group['lr']:g}" for group in self.trainable.param_groups())
+        if uses_relative_step(opt.name, opt.args):
+            rates = "computed by Adafactor (logged as lr/<group>)"
+        elif canonical_optimizer_name(opt.name) in ("DAdaptAdam", "Prodigy"):
+            rates += " (multipliers of the step size the optimizer finds)"
+        return f"optimizer: {name}; lr schedule: {schedule}; learning rates: {rates}"
+
     def _setup(self) -> LoopParts:
         train = self.config.train
         # accelerate keeps process-wide state; a second run in one process (tests, notebooks) may change
@@ -106,12 +126,13 @@ class Trainer:
             for group, name in zip(optimizer.param_groups, names):
                 group["name"] = name  # a state written by another tool (A1111) has no group names
         scheduler = self._schedule(optimizer)
+        print(self._optimizer_line())
         optimizer = accelerator.prepare(optimizer)
         run = self.run
         latents = LatentSource(self.data, self.parts.vae, run.latent_mode, train.seed, run.latent_draw,
                                run.cache_dir, self.config.dataset.vae_batch_size)
         conditioning = ConditioningSource(self.parts, self.config.model.clip_skip, run.cache_text_encoder_outputs,
-                                          self.trainable.trains_text_encoder)
+                                          self.trainable.trains_text_encoder, train.max_token_length)
         return LoopParts(accelerator, optimizer, scheduler, latents, conditioning)
 
     def _resume(self, loop: LoopParts) -> None:

@@ -185,8 +185,7 @@ def test_prepare_reads_any_trainers_config_but_checks_its_own_sections(tmp_path,
     path.write_text(path.read_text() + '\n[embedding]\ntoken = "<thing>"\n', encoding="utf-8")
     assert prepare(path, "--no-cache") == 0
     assert "96x96" in capsys.readouterr().out and not cache_files(tmp_path)
-    with pytest.raises(SystemExit):
-        prepare(path, "dataset.enable_bucket=true")
+    assert prepare(path, "dataset.enable_bucket=true") == 2
     assert "did you mean 'enable_buckets'" in capsys.readouterr().err
 
 

@@ -128,6 +128,9 @@ def test_only_new_rows_change_the_loss_drops_and_the_a1111_layout_is_written(tmp
 
     folder = tmp_path / "logs" / TODAY / "kilnpot"
     names = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+    settings = [name for name in names if name.startswith("settings-") and name.endswith(".json")]
+    assert len(settings) == 1  # A1111's settings at start
+    names.remove(settings[0])
     assert names == ["embeddings/kilnpot-15.pt", "embeddings/kilnpot-15.pt.optim", "embeddings/kilnpot-30.pt",
                      "embeddings/kilnpot-30.pt.optim", "image_embeddings/kilnpot-15.png",
                      "image_embeddings/kilnpot-30.png", "images/kilnpot-15.png", "images/kilnpot-30.png",

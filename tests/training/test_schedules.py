@@ -132,8 +132,9 @@ def test_relative_step_uses_adafactors_own_lr(capsys):
         optimizer.step()
         scheduler.step()
         lrs.append(current_lrs(scheduler, optimizer)["unet"])
-    # warmup_init: lr = 1e-6 * step (no scale_parameter)
-    assert lrs == pytest.approx([1e-6, 2e-6, 3e-6])
+    # warmup_init: lr = 1e-6 * step (no scale_parameter); after step k, the rate step k + 1 will use (the trainer
+    # asks before each step, as it does the schedulers)
+    assert lrs == pytest.approx([2e-6, 3e-6, 4e-6])
 
 
 def test_current_lrs_names_groups_and_follows_the_scheduler():

@@ -61,8 +61,11 @@ class ModelFamily:
         raise NotImplementedError
 
     # ---------------------------------------------------------------- conditioning
-    def encode_text(self, parts: "ModelParts", captions: list[str], clip_skip: int) -> TextEncoding:
-        """Run the text encoders on captions (gradients flow if enabled by the caller)."""
+    def encode_text(self, parts: "ModelParts", captions: list[str], clip_skip: int,
+                    max_token_length: int = 75) -> TextEncoding:
+        """Run the text encoders on captions of up to `max_token_length` tokens (75, 150 or 225: longer
+        captions are encoded in windows of 75, see library/models/conditioning.py); gradients flow if the
+        caller enables them."""
         raise NotImplementedError
 
     def conditioning(self, encoding: TextEncoding, batch: Any = None) -> Conditioning:

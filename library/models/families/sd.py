@@ -11,7 +11,7 @@ import torch
 
 from library.models import ldm_layout as layout
 from library.models.clip_tokenizer import EOS_TOKEN, build_clip_tokenizer
-from library.models.conditioning import TextEncoding, encode_text, tokenize
+from library.models.conditioning import CHUNK, TextEncoding, encode_text, stitch_chunks, tokenize_chunks
 from library.models.families.base import ModelFamily, TextEncoderSlot
 
 _TEXT_ENCODER = TextEncoderSlot("text_encoder", "tokenizer", "lora_te_text_model_", "text_encoder")
@@ -60,9 +60,10 @@ class StableDiffusion(ModelFamily):
     def native_resolution(self, v_prediction: bool) -> int:
         return 768 if self.is_v2 and v_prediction else 512
 
-    def encode_text(self, parts, captions: list[str], clip_skip: int) -> TextEncoding:
-        encoder = parts.text_encoders[0]
-        return TextEncoding(encode_text(encoder, tokenize(parts.tokenizers[0], captions), clip_skip))
+    def encode_text(self, parts, captions: list[str], clip_skip: int, max_token_length: int = CHUNK) -> TextEncoding:
+        ids = tokenize_chunks(parts.tokenizers[0], captions, max_token_length)
+        hidden = encode_text(parts.text_encoders[0], ids.flatten(0, 1), clip_skip)
+        return TextEncoding(stitch_chunks(hidden, ids.shape[1]))
 
     def pipeline(self, parts, scheduler: Any):
         from diffusers import StableDiffusionPipeline
