@@ -27,8 +27,9 @@ def read_network_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[s
 
 
 def merge_network(parts: ModelParts, weights: dict[str, torch.Tensor], multiplier: float = 1.0) -> list[str]:
-    """Add a network file's weight changes into the base weights in place: W += multiplier · ΔW.
-    Returns the module names the file has that match nothing in the model (so callers can refuse or warn)."""
+    """Add a network file's weight changes (LoRA, LoHa or LoKr) into the base weights in place:
+    W += multiplier · ΔW. Returns the module names the file has that match nothing in the model (so callers can
+    refuse or warn). NetworkFileError (a ValueError) for a module whose change does not fit its layer."""
     kind = kind_of_weights(weights)
     if kind is None:
         return []
@@ -40,6 +41,10 @@ def merge_network(parts: ModelParts, weights: dict[str, torch.Tensor], multiplie
             unmatched.append(name)
             continue
         delta = kind.delta(weights, name) * multiplier
+        if delta.numel() != module.weight.numel():
+            raise NetworkFileError(f"{name}: the file changes {delta.numel()} weights there, the model's layer has "
+                                   f"{module.weight.numel()} {list(module.weight.shape)}; was the file made for "
+                                   "another model?")
         with torch.no_grad():
             module.weight += delta.to(module.weight.dtype).reshape(module.weight.shape)
     return unmatched
