@@ -78,6 +78,10 @@ def test_resume_and_continue_from_a_file_are_exact(tmp_path, kind, capsys):
         train_lora.main([str(path), f"network.init_weights={first}", "save.name=d", f"network.type={OTHER[kind]}"])
     assert info.value.code == 2
     assert f'is a {kind} file but network.type = "{OTHER[kind]}"' in capsys.readouterr().err
+    with pytest.raises(SystemExit) as info:
+        train_lora.main([str(path), f"network.init_weights={first}", "save.name=e", "network.alpha=2"])
+    assert info.value.code == 2
+    assert "the file's alpha [4.0] differs from network.alpha 2 / conv_alpha 1" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("overrides, message", [
