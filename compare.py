@@ -30,7 +30,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--negative", default="")
     for name in "xyz":
         parser.add_argument(f"--{name}", nargs=2, metavar=("KIND", "VALUES"), help=f"the {name.upper()} axis")
-    parser.add_argument("--lora", default="", help="a LoRA applied to every cell (unless an axis sets it)")
+    parser.add_argument("--lora", default="",
+                        help="a LoRA, LoHa or LoKr file applied to every cell (unless an axis sets it)")
     parser.add_argument("--multiplier", type=float, default=1.0)
     parser.add_argument("--embedding", default="", help="an embedding loaded for every cell")
     parser.add_argument("--token", default="", help="the word embeddings load as (default: the file's name)")

@@ -184,7 +184,7 @@ TOOL_CASES = [
     (merge_lora.main, "merge: lora missing", lambda p: ["builtin:tiny-sd15", str(p / "m.safetensors"), "--lora",
                                                         str(p / "nowhere.safetensors")], "not found"),
     (merge_lora.main, "merge: embedding", lambda p: ["builtin:tiny-sd15", str(p / "m.safetensors"), "--lora",
-                                                     str(p / "embedding.safetensors")], "no kohya LoRA modules"),
+                                                     str(p / "embedding.safetensors")], "no LoRA, LoHa or LoKr modules"),
     (merge_lora.main, "merge: sd2 lora", lambda p: ["builtin:tiny-sd15", str(p / "m.safetensors"), "--lora",
                                                     str(p / "sd2_lora.safetensors")], "made for SD 2.x"),
     (merge_lora.main, "merge: output exists", lambda p: ["builtin:tiny-sd15", str(p / "afile"), "--lora",

@@ -1,10 +1,12 @@
-"""Merge one or more kohya LoRA files into a Stable Diffusion model at given weights and save the result.
+"""Merge one or more network files (kohya LoRA/LoCon, LyCORIS LoHa/LoKr) into a Stable Diffusion model at given
+weights and save the result.
 
     python tools/merge_lora.py BASE OUT --lora style.safetensors:0.8 --lora char.safetensors:0.5
 
 BASE: builtin:tiny-sd15, a diffusers folder, a .safetensors/.ckpt file or a locally cached hub id.
 OUT ending in .safetensors → original SD single file (A1111, ComfyUI); anything else → diffusers folder.
-Each --lora is FILE[:WEIGHT] (weight 1 when left out); W += weight · up·down · alpha/rank, LoRA by LoRA.
+Each --lora is FILE[:WEIGHT] (weight 1 when left out); W += weight · ΔW, file by file, with ΔW as A1111 and
+ComfyUI compute it (LoRA up·down·alpha/rank; LoHa and LoKr as in README "LyCORIS: LoHa and LoKr").
 """
 from __future__ import annotations
 
@@ -37,7 +39,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("base", help="model to merge into")
     parser.add_argument("out", help="output .safetensors file or diffusers folder")
     parser.add_argument("--lora", action="append", required=True, metavar="FILE[:WEIGHT]",
-                        help="a kohya LoRA file and its weight; repeat for several")
+                        help="a LoRA, LoHa or LoKr file and its weight; repeat for several")
     parser.add_argument("--precision", choices=PRECISIONS,
                         help="weight precision to write (default: fp16 for .safetensors, fp32 for folders)")
     parser.add_argument("--config-dir", help="diffusers folder whose configs describe a single-file BASE")
@@ -46,11 +48,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def merge_files(parts, specs: list[tuple[Path, float]]) -> list[str]:
-    """Merge each LoRA into parts in place; returns one line per file. Raises ValueError for files that are
-    not network files for this model."""
+    """Merge each network file into parts in place; returns one line per file. NetworkFileError for files that
+    are not LoRA/LoHa/LoKr networks for this model."""
     from library.models.header import header_of
     from library.networks.compat import network_file_problem
-    from library.networks.kinds import kind_of_weights
+    from library.networks.kinds import file_layouts, kind_of_weights
     from library.networks.merge import NetworkFileError, merge_network, read_network_file
 
     lines = []
@@ -61,14 +63,14 @@ def merge_files(parts, specs: list[tuple[Path, float]]) -> list[str]:
             raise NetworkFileError(problem)
         kind = kind_of_weights(weights)
         if kind is None:
-            raise NetworkFileError(f"{path} holds no kohya LoRA modules (*.lora_down.weight); other formats cannot be "
-                             "merged by this tool")
+            raise NetworkFileError(f"{path} holds no LoRA, LoHa or LoKr modules (kohya/LyCORIS layout: "
+                                   f"{file_layouts()}); other formats cannot be merged by this tool")
         modules = len(kind.module_names(weights))
         unmatched = merge_network(parts, {k: v.float() for k, v in weights.items()}, weight)
         if unmatched:
-            raise NetworkFileError(f"{path}: {len(unmatched)} of its {modules} modules match nothing in the base model "
-                             f"(e.g. {unmatched[0]}); was it trained on another model family (SD1/SD2/SDXL)?")
-        lines.append(f"merged {path} at weight {weight:g} ({modules} modules)")
+            raise NetworkFileError(f"{path}: {len(unmatched)} of its {modules} modules match nothing in the base "
+                                   f"model (e.g. {unmatched[0]}); was it trained on another model family?")
+        lines.append(f"merged {path} at weight {weight:g} ({modules} {kind.name} modules)")
     return lines
 
 
@@ -86,7 +88,7 @@ def _main(argv: list[str] | None) -> int:
     specs = [parse_lora_spec(s) for s in args.lora]
     missing = [str(path) for path, _ in specs if not path.is_file()]
     if missing:
-        print(f"error: LoRA file(s) not found: {', '.join(missing)}", file=sys.stderr)
+        print(f"error: network file(s) not found: {', '.join(missing)}", file=sys.stderr)
         return 2
     from library.quiet import quiet_libraries
 

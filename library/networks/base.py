@@ -1,4 +1,4 @@
-"""The network-kind interface: how an add-on network (LoRA/LoCon today; LoHa, LoKr next) is put into a model,
+"""The network-kind interface: how an add-on network (LoRA/LoCon, LoHa, LoKr) is put into a model,
 trained, written in the file layout A1111/ComfyUI/diffusers read, and turned back into weight changes for
 merging and comparing. Trainers and tools only talk to this interface (library/networks/kinds.py picks one)."""
 from __future__ import annotations
@@ -11,13 +11,15 @@ from torch import nn
 
 @dataclass(frozen=True)
 class NetworkSpec:
-    """A network's shape: rank/alpha for Linear and 1x1 layers, conv_rank/conv_alpha for 3x3 convs (0 = none)."""
+    """A network's shape: rank/alpha for Linear and 1x1 layers, conv_rank/conv_alpha for 3x3 convs (0 = none);
+    factor: LoKr's Kronecker split of each layer size (-1 = most balanced; other kinds ignore it)."""
 
     rank: int
     alpha: float
     conv_rank: int = 0
     conv_alpha: float = 1.0
     dropout: float = 0.0
+    factor: int = -1
 
 
 @dataclass(frozen=True)
@@ -57,7 +59,9 @@ class NetworkKind:
         return sorted({key[: -len(self.file_marker)] for key in weights if key.endswith(self.file_marker)})
 
     def delta(self, weights: dict[str, torch.Tensor], name: str) -> torch.Tensor:
-        """The weight change module `name` makes at multiplier 1 (fp32; conv kernels as [out, in, k, k])."""
+        """The weight change module `name` makes at multiplier 1, as A1111 and ComfyUI compute it (fp32; conv
+        kernels as [out, in, k, k] or flattened to [out, in·k·k] — merge reshapes to the weight). ValueError for
+        a module Kiln cannot apply."""
         raise NotImplementedError
 
     def metadata(self, spec: NetworkSpec) -> dict[str, str]:

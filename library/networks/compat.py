@@ -41,8 +41,9 @@ def network_file_problem(path: str | Path, shapes: dict[str, tuple[int, ...]], m
     foreign = sorted({key.split(".")[0] for key in shapes
                       if key.startswith("lora_te") and not key.startswith(prefixes)})
     if foreign:
-        return (f"{path} has text-encoder modules this {model.family.label} model does not have (e.g. "
-                f"{foreign[0]}): it was made for another model family")
+        return (f"{path}: {len(foreign)} of its modules match nothing in the base model (text-encoder modules "
+                f"this {model.family.label} model does not have, e.g. {foreign[0]}): it was made for another model "
+                "family")
     return _width_problem(path, shapes, model)
 
 

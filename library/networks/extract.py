@@ -42,14 +42,24 @@ def _matrix(delta: torch.Tensor) -> torch.Tensor:
     return delta.reshape(delta.shape[0], -1)
 
 
+def decompose(delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """SVD (u, s, vh) of a weight difference as a matrix [out, in·k·k], in fp32, singular values descending."""
+    return torch.linalg.svd(_matrix(delta).float(), full_matrices=False)
+
+
+def split_factors(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, rank: int
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(up [out, r], down [r, in·k·k]) of the top r = min(rank, len(s)) singular triplets, the singular values
+    split evenly between the two (up @ down is the best rank-r approximation)."""
+    r = min(rank, s.shape[0])
+    root = s[:r].sqrt()
+    return u[:, :r] * root, root[:, None] * vh[:r]
+
+
 def low_rank_factors(delta: torch.Tensor, rank: int, clamp_quantile: float | None = None
                      ) -> tuple[torch.Tensor, torch.Tensor]:
     """(up [out, r], down [r, in·k·k]) with up @ down ≈ delta, r = min(rank, out, in·k·k)."""
-    matrix = _matrix(delta).float()
-    r = min(rank, *matrix.shape)
-    u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
-    root = s[:r].sqrt()
-    up, down = u[:, :r] * root, root[:, None] * vh[:r]
+    up, down = split_factors(*decompose(delta), rank)
     if clamp_quantile is not None and clamp_quantile < 1:
         values = torch.cat([up.flatten(), down.flatten()]).abs()
         # kthvalue, not torch.quantile, which refuses inputs above 16M values
@@ -58,11 +68,12 @@ def low_rank_factors(delta: torch.Tensor, rank: int, clamp_quantile: float | Non
     return up, down
 
 
-def _kohya_shapes(module: nn.Module, up: torch.Tensor, down: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Reshape factors as kohya stores them: Linear [r, in] / [out, r]; conv down [r, in, k, k], up [out, r, 1, 1]."""
-    if isinstance(module, nn.Conv2d):
-        weight = module.weight
-        down = down.reshape(down.shape[0], weight.shape[1], *weight.shape[2:])
+def kohya_shapes(weight_shape: torch.Size | tuple, up: torch.Tensor, down: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reshape factors as kohya stores them for a weight of `weight_shape`: Linear [r, in] / [out, r]; conv
+    down [r, in, k, k], up [out, r, 1, 1]."""
+    if len(weight_shape) == 4:
+        down = down.reshape(down.shape[0], *weight_shape[1:])
         up = up.reshape(*up.shape, 1, 1)
     return up, down
 
@@ -88,7 +99,7 @@ def _extract_part(tuned: nn.Module, base: nn.Module, targets: list[Target], sett
     for target, delta in deltas.items():
         rank = settings.conv_rank if target.is_conv3x3 else settings.rank
         up, down = low_rank_factors(delta, rank, settings.clamp_quantile)
-        up, down = _kohya_shapes(base.get_submodule(target.path), up, down)
+        up, down = kohya_shapes(base.get_submodule(target.path).weight.shape, up, down)
         out[f"{target.kohya_name}.lora_down.weight"] = down.to("cpu", dtype).contiguous()
         out[f"{target.kohya_name}.lora_up.weight"] = up.to("cpu", dtype).contiguous()
         out[f"{target.kohya_name}.alpha"] = torch.tensor(float(down.shape[0]), dtype=dtype)  # alpha = rank: scale 1

@@ -4,9 +4,11 @@ from __future__ import annotations
 import torch
 
 from library.networks.base import NetworkKind
+from library.networks.loha import LOHA
+from library.networks.lokr import LOKR
 from library.networks.lora import LORA
 
-NETWORK_KINDS: dict[str, NetworkKind] = {kind.name: kind for kind in (LORA,)}
+NETWORK_KINDS: dict[str, NetworkKind] = {kind.name: kind for kind in (LORA, LOHA, LOKR)}
 
 
 def kind_named(name: str) -> NetworkKind:
@@ -15,6 +17,11 @@ def kind_named(name: str) -> NetworkKind:
         return NETWORK_KINDS[name]
     except KeyError:
         raise KeyError(f"unknown network type {name!r}; known: {', '.join(NETWORK_KINDS)}") from None
+
+
+def file_layouts() -> str:
+    """What each kind's files hold, for messages: "LoRA (*.lora_down.weight), ..."."""
+    return ", ".join(f"{kind.name} (*{kind.file_marker})" for kind in NETWORK_KINDS.values())
 
 
 def kind_of_weights(weights: dict[str, torch.Tensor]) -> NetworkKind | None:

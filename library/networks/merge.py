@@ -24,8 +24,9 @@ def read_network_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[s
 
 
 def merge_network(parts: ModelParts, weights: dict[str, torch.Tensor], multiplier: float = 1.0) -> list[str]:
-    """Add a network file's weight changes into the base weights in place: W += multiplier · ΔW.
-    Returns the module names the file has that match nothing in the model (so callers can refuse or warn)."""
+    """Add a network file's weight changes (LoRA, LoHa or LoKr) into the base weights in place:
+    W += multiplier · ΔW. Returns the module names the file has that match nothing in the model (so callers can
+    refuse or warn). NetworkFileError (a ValueError) for a module whose change does not fit its layer."""
     kind = kind_of_weights(weights)
     if kind is None:
         return []

@@ -6,7 +6,7 @@ transformers attribute layout.
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Container
 
 from torch import nn
 
@@ -17,6 +17,7 @@ from library.networks.base import Target
 UNET_ATTENTION_BLOCKS = ("Transformer2DModel",)
 UNET_CONV_BLOCKS = ("ResnetBlock2D", "Downsample2D", "Upsample2D")
 TE_BLOCKS = ("CLIPAttention", "CLIPSdpaAttention", "CLIPFlashAttention2", "CLIPMLP")
+UNET_GROUP = "unet"  # the UNet's learning-rate group; text encoders use their family slot's group
 
 
 def _is_linear_like(module: nn.Module) -> bool:
@@ -58,6 +59,17 @@ def text_encoder_targets(parts: ModelParts, index: int = 0) -> list[Target]:
     slot = parts.family.text_encoders[index]
     return find_targets(parts.text_encoders[index], lambda path: parts.family.text_encoder_kohya_name(slot, path),
                         TE_BLOCKS)
+
+
+def network_targets(parts: ModelParts, groups: Container[str], with_conv: bool
+                    ) -> list[tuple[str, nn.Module, list[Target]]]:
+    """(group, model, targets) for each part a network adapts: the UNet when `groups` holds "unet", each text
+    encoder whose slot group it holds; `with_conv` adds the UNet's ResNet convs (LoCon)."""
+    found = [(UNET_GROUP, parts.unet, unet_targets(parts, with_conv))] if UNET_GROUP in groups else []
+    for index, slot in enumerate(parts.family.text_encoders):
+        if slot.group in groups:
+            found.append((slot.group, parts.text_encoders[index], text_encoder_targets(parts, index)))
+    return found
 
 
 def module_map(parts: ModelParts) -> dict[str, nn.Module]:

@@ -1,6 +1,7 @@
 """A network (any kind in kinds.py) on the UNet and/or text encoders as a `Trainable` for the shared loop."""
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,12 +11,11 @@ from torch import nn
 
 from library.models.parts import ModelParts
 from library.networks.base import NetworkKind, NetworkSpec, Target
+from library.networks.kinds import kind_of_weights
 from library.networks.merge import read_network_file
 from library.networks.metadata import safetensors_hashes
-from library.networks.targets import text_encoder_targets, unet_targets
+from library.networks.targets import UNET_GROUP, network_targets
 from library.training.checkpoints import Progress, atomic_save_safetensors
-
-UNET_GROUP = "unet"
 
 
 @dataclass
@@ -45,29 +45,29 @@ class NetworkTrainable:
         # peft draws the initial weights from the global RNG: seed it so the same config gives the same run
         torch.manual_seed(seed)
         self.parts: list[TrainedPart] = []
-        if UNET_GROUP in lrs:
-            self._add(UNET_GROUP, parts.unet, unet_targets(parts, with_conv=spec.conv_rank > 0), lrs[UNET_GROUP])
-        for index, slot in enumerate(parts.family.text_encoders):
-            if slot.group in lrs:
-                self._add(slot.group, parts.text_encoders[index], text_encoder_targets(parts, index), lrs[slot.group])
+        for group, model, targets in network_targets(parts, lrs, with_conv=spec.conv_rank > 0):
+            kind.inject(model, targets, spec)
+            self.parts.append(TrainedPart(group, model, targets, lrs[group]))
         self.trains_text_encoder = any(part.group != UNET_GROUP for part in self.parts)
-
-    def _add(self, group: str, model: nn.Module, targets: list[Target], lr: float) -> None:
-        self.kind.inject(model, targets, self.spec)
-        self.parts.append(TrainedPart(group, model, targets, lr))
 
     def start_from(self, path: str) -> str:
         """Load an existing file of this kind as the starting weights (network.init_weights); returns the line
         to print. ValueError when it matches nothing or was trained with another alpha."""
         weights, _ = read_network_file(path)
+        if (found := kind_of_weights(weights)) not in (None, self.kind):
+            raise ValueError(f"network.init_weights: {path} is a {found.name} file but network.type = "
+                             f"\"{self.kind.name}\"; set network.type = \"{found.name}\" to continue from it")
+        # the alphas the configured network has, per module, before the file's are loaded into it
+        expected = {k: float(v) for k, v in self.file_tensors(torch.float32).items() if k.endswith(".alpha")}
         count = sum(self.kind.load_state_dict(p.model, p.targets, weights) for p in self.parts)
         if count == 0:
             raise ValueError(f"network.init_weights: no module of {path} matches this network (another model "
                              "family, or conv layers with network.conv_rank = 0?)")
-        spec = self.spec
-        file_alphas = {float(v) for k, v in weights.items() if k.endswith(".alpha")}
-        if file_alphas - {float(spec.alpha), float(spec.conv_alpha)}:
-            raise ValueError(f"network.init_weights: the file's alpha {sorted(file_alphas)} differs from "
+        differing = sorted({round(float(v), 6) for k, v in weights.items()
+                            if k in expected and not math.isclose(float(v), expected[k], rel_tol=1e-3)})
+        if differing:
+            spec = self.spec
+            raise ValueError(f"network.init_weights: the file's alpha {differing} differs from "
                              f"network.alpha {spec.alpha:g} / conv_alpha {spec.conv_alpha:g}; set them to match")
         return f"network: started from {path} ({count} modules loaded)"
 

@@ -1,5 +1,5 @@
-"""train_lora.py's recipe: a network (network.type; LoRA/LoCon today) on the UNet and/or text encoders, saved
-in the kohya layout with sd-scripts' metadata."""
+"""train_lora.py's recipe: a network (network.type: LoRA/LoCon, LyCORIS LoHa or LoKr) on the UNet and/or text
+encoders, saved in the kohya/LyCORIS layout with sd-scripts' metadata."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -8,16 +8,19 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from library.config.schema import RunConfig, Section
-from library.recipes.base import Built, Recipe
+from library.recipes.base import Built, Recipe, value_of
+
+LYCORIS_TYPES = ("loha", "lokr")
 
 
 class NetworkSection(Section):
-    type: Literal["lora"] = "lora"  # the network kind (library/networks/kinds.py); LoCon = lora with conv_rank
+    type: Literal["lora", "loha", "lokr"] = "lora"  # the kind (library/networks/kinds.py); LoCon = lora + conv_rank
     rank: int = Field(16, ge=1, le=1024)
     alpha: float = Field(8.0, gt=0)
     conv_rank: int = Field(0, ge=0, le=1024)  # 0 = no conv layers; >0 = LoCon
     conv_alpha: float = Field(1.0, gt=0)
-    dropout: float = Field(0.0, ge=0, lt=1)
+    dropout: float = Field(0.0, ge=0, lt=1)  # LoRA only
+    factor: int = Field(-1, ge=-1)  # LoKr: split each layer size as factor × size/factor; -1 = most balanced
     train_unet: bool = True
     train_text_encoder: bool = True
     unet_lr: float | None = Field(None, gt=0)  # None = optimizer.lr
@@ -30,6 +33,19 @@ class NetworkSection(Section):
             raise ValueError("network.train_unet and network.train_text_encoder are both false: nothing to train")
         return self
 
+    @model_validator(mode="after")
+    def _kind_settings(self) -> "NetworkSection":
+        if self.factor == 0:
+            raise ValueError("network.factor = 0: use -1 (the most balanced split) or a number that divides "
+                             "the layer sizes, e.g. 8")
+        if self.factor != -1 and self.type != "lokr":
+            raise ValueError(f"network.factor applies to network.type = \"lokr\" only (this is \"{self.type}\"); "
+                             "remove it or set network.type = \"lokr\"")
+        if self.dropout and self.type in LYCORIS_TYPES:
+            raise ValueError(f"network.dropout is LoRA's; LyCORIS {self.type} has no such dropout in Kiln: set "
+                             "network.dropout = 0")
+        return self
+
 
 class LoraRunConfig(RunConfig):
     network: NetworkSection = NetworkSection()
@@ -39,6 +55,27 @@ class LoraRecipe(Recipe):
     name = "lora"
     config_class = LoraRunConfig
     path_keys = (("network", "init_weights", "file"),)
+
+    def environment_problems(self, data: dict) -> list[str]:
+        """A LoKr factor must divide every adapted layer's sizes: checked from the model's configs, before the
+        weights load (a .ckpt file, whose shapes need unpickling, is checked right after it loads)."""
+        factor = value_of(data, "network", "factor", int, -1)
+        path = value_of(data, "model", "path", str, "")
+        if value_of(data, "network", "type", str) != "lokr" or factor <= 0 or not path:
+            return []
+        from library.models.skeleton import model_skeleton
+        from library.networks.lokr import model_factor_problem
+        from library.networks.targets import UNET_GROUP
+
+        skeleton = model_skeleton(path, value_of(data, "model", "config_dir", str) or None)
+        if skeleton is None:
+            return []
+        groups = {UNET_GROUP} if value_of(data, "network", "train_unet", bool, True) else set()
+        if value_of(data, "network", "train_text_encoder", bool, True):
+            groups |= {slot.group for slot in skeleton.family.text_encoders}
+        conv = value_of(data, "network", "conv_rank", int, 0) > 0
+        problem = model_factor_problem(skeleton, factor, groups, conv)
+        return [problem] if problem else []
 
     def text_encoder_trained_by(self, config: LoraRunConfig) -> str | None:
         return "network.train_text_encoder" if config.network.train_text_encoder else None
@@ -76,7 +113,7 @@ class LoraRecipe(Recipe):
         if net.train_text_encoder:
             lrs.update({slot.group: net.text_encoder_lr or lr for slot in parts.family.text_encoders})
         kind = kind_named(net.type)
-        spec = NetworkSpec(net.rank, net.alpha, net.conv_rank, net.conv_alpha, net.dropout)
+        spec = NetworkSpec(net.rank, net.alpha, net.conv_rank, net.conv_alpha, net.dropout, net.factor)
         metadata = training_metadata(run, parts, lrs, kind.metadata(spec))
         trainable = NetworkTrainable(parts, kind, spec, lrs, config.train.seed, run.save_dtype, metadata)
         lines = [trainable.start_from(net.init_weights)] if net.init_weights else []

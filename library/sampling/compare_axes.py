@@ -15,7 +15,7 @@ from library.errors import UserError
 from library.sampling.prompt_file import SampleSpec, canonical_sampler
 
 FILE_KINDS = ("model", "lora", "embedding")
-AXIS_KINDS = {"model": "full checkpoints", "lora": "LoRA files", "embedding": "embedding files",
+AXIS_KINDS = {"model": "full checkpoints", "lora": "LoRA, LoHa or LoKr files", "embedding": "embedding files",
               "multiplier": "LoRA multiplier", "sr": "prompt search/replace (the first value is searched)",
               "seed": "seeds", "cfg": "CFG scales", "steps": "sampling steps", "sampler": "sampler names"}
 ALIASES = {"checkpoint": "model", "prompt_sr": "sr", "prompt-sr": "sr", "s/r": "sr", "cfg_scale": "cfg",

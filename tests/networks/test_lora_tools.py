@@ -165,7 +165,7 @@ def test_merge_refuses_foreign_files_and_existing_output(base, tmp_path, capsys)
     assert merge_lora.main(["builtin:tiny-sd15", str(out), "--lora", str(tmp_path / "xl.safetensors")]) == 2
     assert "match nothing in the base model" in capsys.readouterr().err
     assert merge_lora.main(["builtin:tiny-sd15", str(out), "--lora", str(tmp_path / "ti.safetensors")]) == 2
-    assert "holds no kohya LoRA modules" in capsys.readouterr().err
+    assert "holds no LoRA, LoHa or LoKr modules" in capsys.readouterr().err
     assert not out.exists()
     out.write_bytes(b"earlier")
     assert merge_lora.main(["builtin:tiny-sd15", str(out), "--lora", str(tmp_path / "xl.safetensors")]) == 2

@@ -146,7 +146,7 @@ def test_only_new_rows_change_the_loss_drops_and_the_a1111_layout_is_written(tmp
     assert list(rows[0]) == ["step", "epoch", "epoch_step", "loss", "learn_rate"]
     assert [int(r["step"]) for r in rows] == list(range(1, 31))
     assert [float(r["learn_rate"]) for r in rows] == [0.02] * 10 + [0.01] * 20
-    assert (rows[20]["epoch"], rows[20]["epoch_step"]) == ("1", "0")  # 60 samples / batch 3 = 20 steps per epoch
+    assert (rows[20]["epoch"], rows[20]["epoch_step"]) == ("1", "1")  # 20 steps per epoch; epoch_step counts from 1
     assert all(len(r["loss"].split(".")[1]) == 7 for r in rows)
 
 

@@ -92,3 +92,25 @@ def test_compare_reports_a_bad_search_string(tmp_path, capsys):
     assert compare.main(["--model", "builtin:tiny-sd15", "--prompt", "a pot", "--x", "sr", "vase,bowl",
                                    "--output", str(tmp_path)]) == 2
     assert "'vase' is not in the prompt" in capsys.readouterr().err
+
+
+def test_lora_axis_applies_loha_and_lokr_files(tmp_path):
+    from library.networks.kinds import kind_named
+
+    for name in ("loha", "lokr"):
+        parts = build_builtin("tiny-sd15")
+        targets = unet_targets(parts, with_conv=False)
+        kind = kind_named(name)
+        kind.inject(parts.unet, targets, NetworkSpec(rank=2, alpha=2))
+        generator = torch.Generator().manual_seed(1)
+        with torch.no_grad():  # peft starts one factor at zero; make the file change something
+            for param in kind.parameters(parts.unet):
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.5)
+        save_file(kind.state_dict(parts.unet, targets, torch.float32), str(tmp_path / f"{name}.safetensors"))
+    out = tmp_path / "cmp"
+    files = ",".join((tmp_path / f"{name}.safetensors").as_posix() for name in ("loha", "lokr"))
+    assert compare.main(["--model", "builtin:tiny-sd15", "--prompt", "a kiln pot", "--width", "64", "--height", "64",
+                         "--steps", "2", "--x", "lora", f"none,{files}", "--output", str(out)]) == 0
+    image = {p.stem: np.asarray(Image.open(p)) for p in (out / "cells").glob("*.png")}
+    none, loha, lokr = image["x00-y00-z00"], image["x01-y00-z00"], image["x02-y00-z00"]
+    assert not np.array_equal(none, loha) and not np.array_equal(none, lokr) and not np.array_equal(loha, lokr)
