@@ -31,6 +31,7 @@ class NetworkSection(Section):
 
 
 class LoraRunConfig(RunConfig):
+    trainer_kind = "lora"
     network: NetworkSection = NetworkSection()
 
 
