@@ -13,6 +13,7 @@ Pure: reads only the TOML files themselves.
 """
 from __future__ import annotations
 
+import os
 import re
 import tomllib
 from dataclasses import dataclass
@@ -100,7 +101,7 @@ def read_layers(path: Path) -> Layered:
         if base is None:
             break
         referrer = (layer, base)
-        current = current.parent / base
+        current = Path(os.path.normpath(current.parent / base))  # "a/../b.toml" → "b.toml" in messages
     layers = list(reversed(chain))
     merged: dict = {}
     for layer in layers:

@@ -35,7 +35,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         raise ValueError(f"override {text!r} is not of the form section.key=value")
     key, raw = text.split("=", 1)
     keys = [k.strip() for k in key.strip().split(".")]
-    if len(keys) < 2 or not all(keys):
+    if (len(keys) < 2 and keys != ["trainer"]) or not all(keys):
         raise ValueError(f"override {text!r}: the key must name a section and a key, like train.max_steps=100")
     try:
         value = tomllib.loads(f"v = {raw.strip()}")["v"]
