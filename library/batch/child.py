@@ -3,7 +3,8 @@ the way a single run stops (it saves a resumable state) instead of killing it.
 
 On POSIX the child runs in its own process group, so the terminal's Ctrl-C reaches only the queue, which passes
 exactly one SIGINT on (a second one while the run writes its state would cut that short); SIGTERM is treated
-the same. On Windows every process on the console receives Ctrl-C itself, so nothing is forwarded."""
+the same, and so is SIGHUP (the terminal closed). On Windows every process on the console receives Ctrl-C itself,
+so nothing is forwarded."""
 from __future__ import annotations
 
 import os
@@ -61,7 +62,7 @@ class StopSignals:
         self.previous: dict = {}
 
     def __enter__(self) -> "StopSignals":
-        for name in ("SIGINT", "SIGTERM"):
+        for name in ("SIGINT", "SIGTERM", "SIGHUP"):  # a closed terminal too: the run saves its state
             number = getattr(signal, name, None)
             if number is not None:
                 self.previous[number] = signal.signal(number, self.handler)

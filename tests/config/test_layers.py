@@ -137,7 +137,8 @@ def test_trainer_key_is_checked_by_every_trainer_and_inferred_when_absent(tmp_pa
 
 
 def test_key_lines_skip_multiline_values():
-    text = 'a = 1\n[s]\nlist = [\n  "x=1",\n  "y=2",\n]\nkey = """\nnot = a key\n"""\nlast = 2\n[[t.u]]\nv = 1\n[[t.u]]\nv = 2\n'
+    text = ('a = 1\n[s]\nlist = [\n  "x=1",\n  "y=2",\n]\nkey = """\nnot = a key\n"""\nlast = 2\n'
+            '[[t.u]]\nv = 1\n[[t.u]]\nv = 2\n')
     lines = key_lines(text)
     assert lines[("a",)] == 1 and lines[("s", "list")] == 3 and lines[("s", "last")] == 10
     assert ("s", '"x') not in lines and ("s", "not") not in lines

@@ -270,7 +270,8 @@ def test_never_overwrites_and_reports_bad_input(tmp_path, capsys):
                      "save_format": "diffusers"}}),
 ])
 def test_textual_inversion_and_dreambooth_configs(tmp_path, trainer_options, trainer, expected):
-    lines = [f"{k} = {json.dumps(v) if not isinstance(v, bool) else str(v).lower()}" for k, v in trainer_options.items()]
+    lines = [f"{key} = {json.dumps(value) if not isinstance(value, bool) else str(value).lower()}"
+             for key, value in trainer_options.items()]
     (tmp_path / "c.toml").write_text('pretrained_model_name_or_path = "/m.safetensors"\ntrain_data_dir = "/d"\n'
                                      "max_train_steps = 800\n" + "\n".join(lines) + "\n", encoding="utf-8")
     data, _, _ = import_to(tmp_path, tmp_path / "c.toml")
