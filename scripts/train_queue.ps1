@@ -14,7 +14,7 @@ if ($env:KILN_PYTHON) {
     $Python = Join-Path $Root ".venv\Scripts\python.exe"
 }
 if (-not (Test-Path $Python)) {
-    Write-Error "$Python not found: create the venv first (see README, 'On Windows'), or set KILN_PYTHON"
+    [Console]::Error.WriteLine("error: $Python not found: create the venv first (README, 'On a GPU' > Windows), or set KILN_PYTHON")
     exit 2
 }
 # UTF-8 everywhere: captions, prompts and paths, whatever the console's code page
