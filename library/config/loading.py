@@ -1,20 +1,22 @@
 """Reading a run config: TOML file + `section.key=value` overrides → one validated, typed config, with every
 problem collected and reported together, each with its TOML line or "command-line override".
 
-Pure: the only file read is the TOML itself. The run step passes `environment` checks (paths, registries)
+A file may name a `base` file it builds on (library/config/layers.py). Pure: the only files read are the TOML
+files themselves. The run step passes `environment` checks (paths, registries)
 that run on the raw data beside the schema, so one run reports every kind of problem at once.
 """
 from __future__ import annotations
 
 import difflib
-import re
 import tomllib
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import tomli_w
 from pydantic import BaseModel, ValidationError
 
+from library.config.layers import EXCLUSIVE_KEYS, Layered, LayerError, read_layers
 from library.errors import UserError
 from library.config.schema import RunConfig
 
@@ -34,17 +36,13 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         raise ValueError(f"override {text!r} is not of the form section.key=value")
     key, raw = text.split("=", 1)
     keys = [k.strip() for k in key.strip().split(".")]
-    if len(keys) < 2 or not all(keys):
+    if (len(keys) < 2 and keys != ["trainer"]) or not all(keys):
         raise ValueError(f"override {text!r}: the key must name a section and a key, like train.max_steps=100")
     try:
         value = tomllib.loads(f"v = {raw.strip()}")["v"]
     except tomllib.TOMLDecodeError:
         value = raw.strip()
     return keys, value
-
-
-# Keys where setting one on the command line replaces the other from the file (steps vs epochs).
-EXCLUSIVE_KEYS = {("train", "max_steps"): ("train", "epochs"), ("train", "epochs"): ("train", "max_steps")}
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> set[tuple[str, ...]]:
@@ -65,24 +63,50 @@ def apply_overrides(data: dict, overrides: list[str]) -> set[tuple[str, ...]]:
     return touched
 
 
-def _toml_line(text: str, loc: tuple) -> int | None:
-    """Line number of `loc` (section, key, ...) in the TOML text, for error messages. Best effort."""
-    names = [p for p in loc if isinstance(p, str)]
-    if not names:
-        return None
-    section, key = names[0], names[-1]
-    current = ""
-    header = re.compile(r"^\s*\[+\s*([^\]]+?)\s*\]+")
-    for number, line in enumerate(text.splitlines(), 1):
-        match = header.match(line)
-        if match:
-            current = match.group(1).split(".")[0]
-            if len(names) == 1 and current == section:
-                return number
-            continue
-        if current == section and re.match(rf"^\s*{re.escape(key)}\s*=", line):
-            return number
-    return None
+@dataclass
+class RawConfig:
+    """A config's data before validation — its file and bases merged, overrides applied — and where each value
+    came from."""
+
+    data: dict
+    source: str  # the config file as given (or "(command line)")
+    layered: Layered | None
+    overridden: set = field(default_factory=set)  # key paths set on the command line
+
+    def origin(self, key: tuple) -> str | None:
+        """"file:line", "command-line override", or None for a value no file or override set (a default)."""
+        if any(tuple(key[:len(o)]) == o for o in self.overridden):
+            return "command-line override"
+        found = self.layered.origin(key) if self.layered else None
+        if found is None:
+            return None
+        path, line = found
+        return f"{path}:{line}" if line else str(path)
+
+    def folder_of(self, key: tuple) -> Path:
+        """The folder relative paths at `key` are resolved against (after the current one): the folder of the
+        file that set the value."""
+        found = self.layered.origin(key) if self.layered else None
+        if found is not None:
+            return found[0].parent
+        return self.layered.layers[-1].path.parent if self.layered else Path.cwd()
+
+
+def read_raw_config(path: str | Path | None, overrides: list[str]) -> RawConfig:
+    """Read a config file and its bases, and apply overrides; ConfigError for what keeps it from being read."""
+    source = str(path) if path else "(command line)"
+    layered = None
+    if path:
+        try:
+            layered = read_layers(Path(path))
+        except LayerError as err:
+            raise ConfigError(source, [str(err)]) from None
+    data = layered.data if layered else {}
+    try:
+        overridden = apply_overrides(data, overrides)
+    except ValueError as err:
+        raise ConfigError(source, [str(err)]) from None
+    return RawConfig(data, source, layered, {tuple(k) for k in overridden})
 
 
 def _suggest(model: type[BaseModel], loc: tuple) -> str:
@@ -103,21 +127,17 @@ def _suggest(model: type[BaseModel], loc: tuple) -> str:
     return f"; did you mean '{close[0]}'?" if close else f"; known keys: {', '.join(node.model_fields)}"
 
 
-def _format_error(error: dict, model: type[BaseModel], text: str, source: str, overridden: set) -> list[str]:
+def _format_error(error: dict, model: type[BaseModel], raw: RawConfig) -> list[str]:
     """One bullet per problem: a validator that finds several reports them one per line."""
-    return [line for line in _error_text(error, model, text, source, overridden).split("\n") if line]
+    return [line for line in _error_text(error, model, raw).split("\n") if line]
 
 
-def _error_text(error: dict, model: type[BaseModel], text: str, source: str, overridden: set) -> str:
+def _error_text(error: dict, model: type[BaseModel], raw: RawConfig) -> str:
     loc = tuple(error["loc"])
     # pydantic adds the union member name to the location of some errors; drop it
     loc = tuple(p for p in loc if not (isinstance(p, str) and p in {"bool", "literal['auto']", "int", "float"}))
     dotted = ".".join(str(p) for p in loc) or "(top level)"
-    if tuple(str(p) for p in loc) in overridden:
-        where = "command-line override"
-    else:
-        line = _toml_line(text, loc)
-        where = f"{source}:{line}" if line else source
+    where = (raw.origin(loc) if loc else None) or raw.source
     if error["type"] == "extra_forbidden":
         return f"{where}: unknown key '{dotted}'{_suggest(model, loc)}"
     if error["type"] == "missing":
@@ -128,42 +148,30 @@ def _error_text(error: dict, model: type[BaseModel], text: str, source: str, ove
     return "\n".join(f"{where}: {line}" for line in message.split("\n"))
 
 
-EnvironmentCheck = Callable[[dict, Path], list[str]]
+EnvironmentCheck = Callable[[dict, Callable[[tuple], Path]], list[str]]
+
+
+def validate_raw(raw: RawConfig, model: type[RunConfig], environment: EnvironmentCheck | None = None) -> RunConfig:
+    """Validate read data; ConfigError listing every problem. `environment(data, folder_of)` may check (and
+    resolve paths in) the raw data first; `folder_of(key)` is the folder of the file that set that key."""
+    problems = environment(raw.data, raw.folder_of) if environment else []
+    try:
+        config = model.model_validate(raw.data)
+    except ValidationError as err:
+        errors = err.errors()
+        wrong_trainer = [e for e in errors if tuple(e["loc"]) == ("trainer",)]
+        if wrong_trainer:  # every other problem would only follow from running the wrong script
+            raise ConfigError(raw.source, _format_error(wrong_trainer[0], model, raw)) from None
+        problems = [line for e in errors for line in _format_error(e, model, raw)] + problems
+    if problems:
+        raise ConfigError(raw.source, problems)
+    return config
 
 
 def load_config(path: str | Path | None, overrides: list[str], model: type[RunConfig],
                 environment: EnvironmentCheck | None = None) -> RunConfig:
-    """Read, override and validate a config; raise ConfigError listing every problem. `environment(data,
-    config_folder)` may check (and resolve paths in) the raw data before the schema validates it."""
-    source = str(path) if path else "(command line)"
-    text = ""
-    if path:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(source, [f"config file not found: {path}"])
-        try:
-            text = path.read_text(encoding="utf-8-sig")
-            data = tomllib.loads(text)
-        except UnicodeDecodeError:
-            raise ConfigError(source, ["the file is not UTF-8 text; re-save it as UTF-8"]) from None
-        except tomllib.TOMLDecodeError as err:
-            raise ConfigError(source, [f"not valid TOML: {err}"]) from None
-    else:
-        data = {}
-    try:
-        overridden = apply_overrides(data, overrides)
-    except ValueError as err:
-        raise ConfigError(source, [str(err)]) from None
-    overridden = {tuple(k) for k in overridden}
-    # the run step's file-system and registry checks see the raw data, so they are reported beside schema errors
-    problems = environment(data, Path(path).parent if path else Path.cwd()) if environment else []
-    try:
-        config = model.model_validate(data)
-    except ValidationError as err:
-        problems = [line for e in err.errors() for line in _format_error(e, model, text, source, overridden)] + problems
-    if problems:
-        raise ConfigError(source, problems)
-    return config
+    """Read (with its bases), override and validate a config; raise ConfigError listing every problem."""
+    return validate_raw(read_raw_config(path, overrides), model, environment)
 
 
 def config_to_toml(config: RunConfig) -> str:

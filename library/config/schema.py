@@ -6,9 +6,11 @@ tokenizer run in the run step (library/recipes/checks.py). A trainer's own secti
 """
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from library.config.trainers import TRAINER_SCRIPTS, wrong_trainer_message
 
 
 class Section(BaseModel):
@@ -195,8 +197,11 @@ def fill_defaults(data: Any, defaults: dict[tuple[str, str], Any]) -> Any:
 
 
 class RunConfig(Section):
-    """Sections every trainer shares."""
+    """Sections every trainer shares, and the optional top-level `trainer` key that names the script a config
+    is for (the run queue reads it; a trainer refuses another trainer's config)."""
 
+    trainer_kind: ClassVar[str | None] = None  # set by each trainer's config class
+    trainer: str | None = None  # "lora" | "textual_inversion" | "dreambooth"
     model: ModelSection
     dataset: DatasetSection
     optimizer: OptimizerSection = OptimizerSection()
@@ -204,3 +209,13 @@ class RunConfig(Section):
     save: SaveSection = SaveSection()
     logging: LoggingSection = LoggingSection()
     sample: SampleSection = SampleSection()
+
+    @field_validator("trainer")
+    @classmethod
+    def _this_trainer(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        expected = cls.trainer_kind
+        if value not in TRAINER_SCRIPTS or (expected is not None and value != expected):
+            raise ValueError(wrong_trainer_message(value, expected or value))
+        return value

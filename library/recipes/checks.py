@@ -1,10 +1,14 @@
 """Checks of a raw config that need the file system or a registry (still no model loading): paths exist
 (relative ones are resolved against the current folder, then the config's), the model path is loadable, names
-exist in the optimizer, scheduler and sampler registries, preview prompts parse, plus the recipe's own."""
+exist in the optimizer, scheduler and sampler registries, preview prompts parse, plus the recipe's own.
+A path set in a base file (library/config/layers.py) falls back to that file's folder."""
 from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Callable
+
+FolderOf = Callable[[tuple], Path]  # the folder of the file that set a key
 
 from library.models.paths import model_path_problem
 from library.recipes.base import Recipe, table
@@ -43,22 +47,24 @@ def _check_path(section: dict, key: str, label: str, base: Path, kind: str) -> s
     return None
 
 
-def _path_problems(data: dict, base: Path, keys: tuple[tuple[str, str, str], ...]) -> list[str]:
-    checks = [(table(data, section), key, f"{section}.{key}", kind) for section, key, kind in keys]
+def _path_problems(data: dict, folder_of: FolderOf, keys: tuple[tuple[str, str, str], ...]) -> list[str]:
+    checks = [(table(data, section), key, f"{section}.{key}", kind, folder_of((section, key)))
+              for section, key, kind in keys]
     subsets = table(data, "dataset").get("subsets")
     for i, subset in enumerate(subsets if isinstance(subsets, list) else []):
         if isinstance(subset, dict):
-            checks.append((subset, "image_dir", f"dataset.subsets[{i}].image_dir", "folder"))
-    return [p for t, key, label, kind in checks if (p := _check_path(t, key, label, base, kind))]
+            checks.append((subset, "image_dir", f"dataset.subsets[{i}].image_dir", "folder",
+                           folder_of(("dataset", "subsets", i, "image_dir"))))
+    return [p for t, key, label, kind, base in checks if (p := _check_path(t, key, label, base, kind))]
 
 
-def _model_problems(data: dict, base: Path) -> list[str]:
+def _model_problems(data: dict, folder_of: FolderOf) -> list[str]:
     model = table(data, "model")
     path = model.get("path")
     if not isinstance(path, str) or not path:
         return []
     if not path.startswith("builtin:"):
-        resolved = resolve_path(path, base)
+        resolved = resolve_path(path, folder_of(("model", "path")))
         if resolved.exists():
             path = model["path"] = str(resolved)
     problem = model_path_problem(path)
@@ -100,11 +106,12 @@ def _sample_problems(data: dict) -> list[str]:
     return problems
 
 
-def environment_problems(data: dict, base: Path, recipe: Recipe | None = None) -> list[str]:
-    """Every environment problem of the raw config `data` (read from a file in `base`), with the recipe's own
-    when one is given; resolves paths in place."""
-    problems = _path_problems(data, base, SHARED_PATH_KEYS + (recipe.path_keys if recipe else ()))
-    problems += _model_problems(data, base)
+def environment_problems(data: dict, base: Path | FolderOf, recipe: Recipe | None = None) -> list[str]:
+    """Every environment problem of the raw config `data`, with the recipe's own when one is given; resolves
+    paths in place. `base`: the config's folder, or a function giving the folder of the file that set a key."""
+    folder_of = base if callable(base) else (lambda key: base)
+    problems = _path_problems(data, folder_of, SHARED_PATH_KEYS + (recipe.path_keys if recipe else ()))
+    problems += _model_problems(data, folder_of)
     problems += _registry_problems(data)
     problems += _sample_problems(data)
     return problems + (recipe.environment_problems(data) if recipe else [])

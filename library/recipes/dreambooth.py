@@ -33,6 +33,8 @@ class DreamBoothRunConfig(RunConfig):
     """train_dreambooth.py. Defaults differ where a whole-model fine-tune needs it: lr 2e-6 (sd-scripts'
     DreamBooth default; 1e-4 wrecks a full model), files named "dreambooth"."""
 
+    trainer_kind = "dreambooth"
+
     dreambooth: DreamBoothSection = DreamBoothSection()
 
     @model_validator(mode="before")

@@ -48,6 +48,7 @@ class NetworkSection(Section):
 
 
 class LoraRunConfig(RunConfig):
+    trainer_kind = "lora"
     network: NetworkSection = NetworkSection()
 
 

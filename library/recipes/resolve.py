@@ -18,7 +18,7 @@ from library.data.folders import (DatasetScan, Subset, balance_reg_items, reg_ba
 from library.data.latent_cache import default_cache_dir
 from library.recipes.base import Recipe
 from library.training.device import SAVE_DTYPES, WEIGHT_DTYPES, resolve_device
-from library.training.plan import make_plan
+from library.training.plan import FolderCount, make_plan
 from library.training.resolved import ResolvedRun
 from library.training.schedules import resolve_warmup_steps
 
@@ -147,18 +147,40 @@ def _resumed_step(state_folder: Path) -> int:
         return 0
 
 
+def folder_counts(ds: DatasetSection, scan: DatasetScan, extra: int) -> tuple[FolderCount, ...]:
+    """The training folders with their image counts, and what changes each one's repeats: an NN_name folder is
+    renamed, an explicit [[dataset.subsets]] entry sets its `repeats`. `extra`: folders a recipe appended."""
+    explicit_start = len(scan.subsets) - extra - len(ds.subsets)
+    counts = []
+    for index, subset in enumerate(scan.subsets):
+        if subset.is_reg:
+            continue
+        images = sum(1 for item in scan.items if item.subset_index == index)
+        if explicit_start <= index < len(scan.subsets) - extra:
+            position = index - explicit_start
+            how = f"set dataset.subsets[{position}].repeats = {{}}"
+            label = f"dataset.subsets[{position}] {subset.image_dir}"
+        else:
+            rest = subset.image_dir.name.split("_", 1)[-1].replace("{", "{{").replace("}", "}}")
+            how, label = f"rename the folder to {{}}_{rest}", str(subset.image_dir)
+        counts.append(FolderCount(label, images, subset.repeats, how))
+    return tuple(counts)
+
+
 def resolve(config: RunConfig, recipe: Recipe) -> ResolvedRun:
     """Scan, plan and resolve a valid config. DatasetError or ValueError (one line each) for what only the
     dataset shows."""
     ds, train, opt = config.dataset, config.train, config.optimizer
-    scan = scan_dataset(ds, recipe.extra_subsets(config), recipe.captionless)
+    extra = recipe.extra_subsets(config)
+    scan = scan_dataset(ds, extra, recipe.captionless)
     if problem := _text_cache_problem(config, recipe):
         raise ValueError(problem)
     notes: list[str] = long_caption_notes(config, recipe, scan)
     data, buckets = _training_data(config, scan, notes)
     reg_samples = sum(item.repeats for item in data.items if item.is_reg)
     plan = make_plan(scan.num_train_samples(), reg_samples, train.batch_size, len(data.epoch_batches(0)),
-                     train.gradient_accumulation_steps, train.max_steps, train.epochs)
+                     train.gradient_accumulation_steps, train.max_steps, train.epochs,
+                     folder_counts(ds, scan, len(extra)))
     if config.save.resume:
         plan = dataclasses.replace(plan, done=_resumed_step(Path(config.save.resume)))
     change = recipe.adjust_plan(config, plan)

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
 if TYPE_CHECKING:
+    from library.config.loading import RawConfig
     from library.config.schema import RunConfig
     from library.models.header import ModelHeader
     from library.models.parts import ModelParts
@@ -24,9 +25,22 @@ def parse_args(argv: list[str] | None, description: str) -> argparse.Namespace:
     parser.add_argument("overrides", nargs="*", metavar="section.key=value",
                         help="override config values, e.g. train.max_steps=200 save.name=test")
     parser.add_argument("--check", action="store_true",
-                        help="validate the config, print it and the dataset summary, then exit without training")
+                        help="run every check that needs no weights, print the model, dataset summary and plan, then exit")
     parser.add_argument("--print-config", action="store_true", help="print the fully resolved config as TOML and exit")
-    return parser.parse_intermixed_args(argv)  # options may come before or after the overrides
+    parser.add_argument("--origins", action="store_true",
+                        help="with --print-config: show after each value the file:line that set it (the config or "
+                             "a base file it builds on), 'command-line override' or 'default'")
+    parser.add_argument("--suggest-repeats", type=int, metavar="STEPS",
+                        help="like --check, and suggest per-folder repeats that make train.epochs epochs take "
+                             "STEPS steps")
+    args = parser.parse_intermixed_args(argv)  # options may come before or after the overrides
+    if args.origins and not args.print_config:
+        parser.error("--origins goes with --print-config")
+    if args.suggest_repeats is not None:
+        if args.suggest_repeats < 1:
+            parser.error("--suggest-repeats needs a positive number of steps")
+        args.check = True
+    return args
 
 
 def fail(message: str, code: int = 2) -> NoReturn:
@@ -34,13 +48,22 @@ def fail(message: str, code: int = 2) -> NoReturn:
     raise SystemExit(code)
 
 
-def read_config(path: str | Path | None, overrides: list[str], recipe: "Recipe") -> "RunConfig":
-    """The validated config, its paths resolved; ConfigError listing every schema and environment problem."""
-    from library.config.loading import load_config
+def read_config_and_origins(path: str | Path | None, overrides: list[str],
+                            recipe: "Recipe") -> tuple["RunConfig", "RawConfig"]:
+    """The validated config (its paths resolved) and the raw data that says where each value came from;
+    ConfigError listing every schema and environment problem."""
+    from library.config.loading import read_raw_config, validate_raw
     from library.recipes.checks import environment_problems
 
-    return load_config(path, overrides, recipe.config_class,
-                       environment=lambda data, base: environment_problems(data, base, recipe))
+    raw = read_raw_config(path, overrides)
+    config = validate_raw(raw, recipe.config_class,
+                          environment=lambda data, folder_of: environment_problems(data, folder_of, recipe))
+    return config, raw
+
+
+def read_config(path: str | Path | None, overrides: list[str], recipe: "Recipe") -> "RunConfig":
+    """The validated config, its paths resolved; ConfigError listing every schema and environment problem."""
+    return read_config_and_origins(path, overrides, recipe)[0]
 
 
 def output_problems(config: "RunConfig") -> list[str]:
@@ -87,13 +110,23 @@ def run_problems(config: "RunConfig", recipe: "Recipe", check_only: bool) -> tup
     return problems + recipe.model_problems(config, header), header
 
 
-def print_summary(run: "ResolvedRun") -> None:
+def print_summary(run: "ResolvedRun", suggest_steps: int | None = None) -> None:
+    from library.training.plan import suggest_repeats
+
     print("dataset:")
     for line in run.scan.summary_lines() + run.notes:
         print(f"  {line}")
     print("plan:")
     for line in run.plan.lines():
         print(f"  {line}")
+    if suggest_steps is not None:
+        config = run.config
+        try:
+            lines = suggest_repeats(run.plan, suggest_steps, config.train.epochs, run.scan.num_reg_samples(),
+                                    config.dataset.enable_buckets)
+        except ValueError as err:
+            fail(str(err))
+        print("\n".join(lines))
 
 
 class ModelLoader:
@@ -121,16 +154,20 @@ class ModelLoader:
 def prepare(recipe: "Recipe", args: argparse.Namespace) -> tuple["ResolvedRun", ModelLoader] | None:
     """Validate, check and resolve; print the summary. None when --check/--print-config asked to stop here."""
     from library.config.loading import ConfigError, config_to_toml
+    from library.config.origins import annotated_toml
     from library.data.errors import DatasetError
     from library.recipes.resolve import resolve
 
     try:
-        config = read_config(args.config, args.overrides, recipe)
+        config, raw = read_config_and_origins(args.config, args.overrides, recipe)
     except ConfigError as err:
         fail(str(err))
     if args.print_config:
-        print(config_to_toml(config), end="")
+        print(annotated_toml(config, raw) if args.origins else config_to_toml(config), end="")
         return None
+    if args.suggest_repeats is not None and config.train.epochs is None:
+        fail("--suggest-repeats plans repeats for a number of epochs, but the config sets train.max_steps (the "
+             "length whatever the repeats): add train.epochs=N to the command")
     problems, header = run_problems(config, recipe, args.check)
     if problems:
         fail(str(ConfigError(args.config, problems)))
@@ -141,7 +178,7 @@ def prepare(recipe: "Recipe", args: argparse.Namespace) -> tuple["ResolvedRun", 
         run = resolve(config, recipe)
     except (DatasetError, ValueError) as err:
         fail(str(err))
-    print_summary(run)
+    print_summary(run, args.suggest_repeats)
     if args.check:
         print("config and dataset OK (--check: not training)")
         return None

@@ -58,6 +58,8 @@ class TIRunConfig(RunConfig):
     """train_textual_inversion.py. Defaults differ from the other trainers where A1111's do: lr 0.005, no
     gradient clipping, AdamW without weight decay, fp32 files named after the embedding."""
 
+    trainer_kind = "textual_inversion"
+
     embedding: EmbeddingSection
     ti_log: TiLogSection = TiLogSection()
 

@@ -1,11 +1,20 @@
-"""What a run shows and records: the tqdm bar (loss, lr, it/s, ETA) and TensorBoard scalars."""
+"""What a run shows and records: the tqdm bar (loss, lr, it/s, ETA) and TensorBoard — scalars, the run's
+resolved config as text, and (through the sampling hooks) preview images.
+
+One TensorBoard run folder per training, `<log_dir>/<name>-<timestamp>`: a resumed run writes on in the folder
+it started (so its curves continue), and the folder is only created with the first thing written, so a run that
+fails before its first step leaves no empty run behind."""
 from __future__ import annotations
 
 import collections
 import datetime
+import os
+import shlex
 from pathlib import Path
 
 from tqdm import tqdm
+
+_REPO = Path(__file__).resolve().parents[2]
 
 
 class MovingAverage:
@@ -21,20 +30,70 @@ class MovingAverage:
         return sum(self.values) / max(len(self.values), 1)
 
 
+def run_folder(log_dir: str | Path, run_name: str, resumed_from: str | Path | None = None,
+               continuing: bool = False) -> Path:
+    """The TensorBoard folder of a run: the one a resumed state recorded (when it still exists); for a run that
+    continues without one (an embedding resumed from its file), the newest folder of this run name; else new."""
+    if resumed_from and Path(resumed_from).is_dir():
+        return Path(resumed_from)
+    if continuing:
+        earlier = sorted(p for p in Path(log_dir).glob(f"{run_name}-*") if p.is_dir() and
+                         p.name[len(run_name) + 1:].replace("-", "").isdigit())
+        if earlier:
+            return earlier[-1]
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    return Path(log_dir) / f"{run_name}-{stamp}"
+
+
+def _shown(path: Path) -> str:
+    """A path as short as it stays correct from the current folder."""
+    try:
+        relative = os.path.relpath(path)
+    except ValueError:  # another drive on Windows
+        return str(path)
+    return str(path) if relative.startswith("..") else relative
+
+
+def tensorboard_command(folder: Path) -> str:
+    """The line a trainer prints at start: the exact launcher command for this run's TensorBoard folder."""
+    if os.name == "nt":
+        return f'TensorBoard: {_shown(_REPO / "scripts" / "tensorboard.ps1")} "{_shown(folder)}"'
+    shell = f"bash {shlex.quote(_shown(_REPO / 'scripts' / 'tensorboard.sh'))} {shlex.quote(_shown(folder))}"
+    ps1 = f"{_shown(_REPO / 'scripts' / 'tensorboard.ps1')} '{_shown(folder)}'"
+    return f"TensorBoard: {shell}   (PowerShell: {ps1})"
+
+
 class RunLog:
-    """Progress bar + TensorBoard writer for one run."""
+    """Progress bar + TensorBoard writer for one run. `folder`: its TensorBoard folder (see run_folder); when it
+    already holds the run's events (a resume), steps after `initial_step` written there before are dropped."""
 
-    def __init__(self, log_dir: str | Path, run_name: str, total_steps: int, initial_step: int = 0):
-        # imported here: tensorboard pulls in a lot and only runs that train need it
-        from torch.utils.tensorboard import SummaryWriter
-
-        stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-        self.dir = Path(log_dir) / f"{run_name}-{stamp}"
-        self.writer = SummaryWriter(str(self.dir))
+    def __init__(self, folder: Path, total_steps: int, initial_step: int = 0, config_text: str = ""):
+        self.dir = Path(folder)
+        self.initial_step = initial_step
+        self.config_text = config_text
+        self.resumed = self.dir.is_dir() and initial_step > 0
+        self._writer = None
         self.average = MovingAverage()
+        self.last_loss: float | None = None
         self.bar = tqdm(total=total_steps, initial=initial_step, desc="training", unit="step", dynamic_ncols=True)
 
+    @property
+    def writer(self):
+        """The TensorBoard writer, created (with its folder and the config text) when first used."""
+        if self._writer is None:
+            # imported here: tensorboard pulls in a lot and only runs that train need it
+            from torch.utils.tensorboard import SummaryWriter
+
+            # purge_step hides events of steps a resumed run trains again (resumed from an earlier state)
+            self._writer = SummaryWriter(str(self.dir), purge_step=self.initial_step + 1 if self.resumed else None)
+            if self.config_text:
+                # indented: TensorBoard renders text as Markdown, and this keeps the TOML as written
+                block = "\n".join("    " + line for line in self.config_text.splitlines())
+                self._writer.add_text("config", block, self.initial_step)
+        return self._writer
+
     def step(self, step: int, loss: float, lrs: dict[str, float], epoch: int) -> None:
+        self.last_loss = loss
         average = self.average.add(loss)
         self.writer.add_scalar("loss/current", loss, step)
         self.writer.add_scalar("loss/average", average, step)
@@ -53,5 +112,6 @@ class RunLog:
 
     def close(self) -> None:
         self.bar.close()
-        self.writer.flush()
-        self.writer.close()
+        if self._writer is not None:
+            self._writer.flush()
+            self._writer.close()

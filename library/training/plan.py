@@ -1,8 +1,19 @@
-"""Step arithmetic: samples per epoch → batches → optimizer steps → epochs, shown to the user with the sums."""
+"""Step arithmetic: samples per epoch → batches → optimizer steps → epochs, shown to the user with the sums;
+and repeats that reach a target step count (`--suggest-repeats`)."""
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class FolderCount:
+    """One training folder as the plan shows it: `label` is how the user finds it (folder name or subset)."""
+
+    label: str
+    images: int
+    repeats: int
+    how_to_change: str = ""  # what sets its repeats: "rename it to {}" or "set dataset.subsets[0].repeats = {}"
 
 
 @dataclass(frozen=True)
@@ -14,6 +25,7 @@ class TrainingPlan:
     accumulation: int
     epochs: int
     total_steps: int  # optimizer steps
+    folders: tuple[FolderCount, ...] = ()  # the training folders behind train_samples, for the explanation
     done: int = 0  # steps a resumed run has already taken
 
     @property
@@ -27,6 +39,10 @@ class TrainingPlan:
     def lines(self) -> list[str]:
         """The arithmetic, one line each, as printed before training and by --check."""
         samples = f"{self.train_samples} training samples"
+        if self.folders:
+            terms = " + ".join(f"{f.images} images × {f.repeats} repeats" if len(self.folders) == 1 else
+                               f"{f.images} × {f.repeats}" for f in self.folders)
+            samples = f"{terms} = {samples}"
         if self.reg_samples:
             samples += f" + {self.reg_samples} regularisation samples = {self.samples_per_epoch} samples"
         lines = [
@@ -55,7 +71,7 @@ class TrainingPlan:
 
 
 def make_plan(train_samples: int, reg_samples: int, batch_size: int, batches_per_epoch: int, accumulation: int,
-              max_steps: int | None, epochs: int | None) -> TrainingPlan:
+              max_steps: int | None, epochs: int | None, folders: tuple[FolderCount, ...] = ()) -> TrainingPlan:
     """Resolve epochs ↔ steps from whichever one the config set."""
     if train_samples <= 0:
         raise ValueError("the dataset has no training samples")
@@ -65,4 +81,67 @@ def make_plan(train_samples: int, reg_samples: int, batch_size: int, batches_per
     else:
         assert epochs is not None
         total = epochs * per_epoch
-    return TrainingPlan(train_samples, reg_samples, batch_size, batches_per_epoch, accumulation, epochs, total)
+    return TrainingPlan(train_samples, reg_samples, batch_size, batches_per_epoch, accumulation, epochs, total,
+                        folders)
+
+
+def _steps_for(plan: TrainingPlan, repeats: list[int], own_reg: int, epochs: int) -> tuple[int, int]:
+    """(samples per epoch, total steps) with these training repeats; reg samples are raised to match the training
+    samples as the run does (never lowered)."""
+    train = sum(f.images * r for f, r in zip(plan.folders, repeats))
+    samples = train + (max(own_reg, train) if own_reg else 0)
+    return samples, epochs * math.ceil(math.ceil(samples / plan.batch_size) / plan.accumulation)
+
+
+def _best_repeats(plan: TrainingPlan, target: int, own_reg: int, epochs: int) -> list[int]:
+    """The repeats, all folders scaled by one factor (their ratio kept), whose step count is nearest `target`
+    (the fewer steps on a tie). Candidates: each folder's repeats around the factor the arithmetic asks for."""
+    per_epoch = target / epochs * plan.batch_size * plan.accumulation / (2 if own_reg else 1)
+    weight = sum(f.images * f.repeats for f in plan.folders)
+    factor = per_epoch / weight
+    candidates = {factor}
+    for folder in plan.folders:
+        middle = round(factor * folder.repeats)
+        candidates.update(m / folder.repeats for m in range(max(1, middle - 3), middle + 4))
+    best: tuple | None = None
+    for k in sorted(candidates):
+        repeats = [max(1, round(k * f.repeats)) for f in plan.folders]
+        steps = _steps_for(plan, repeats, own_reg, epochs)[1]
+        score = (abs(steps - target), steps)
+        if best is None or score < best[0]:
+            best = (score, repeats)
+    assert best is not None
+    return best[1]
+
+
+def suggest_repeats(plan: TrainingPlan, target: int, epochs: int | None, own_reg: int = 0,
+                    buckets: bool = False) -> list[str]:
+    """Lines suggesting per-folder repeats that make `epochs` epochs take `target` steps, with the arithmetic
+    (the seed tutorial's sum: 4800 steps / 10 epochs = 480 samples per epoch at batch 1; 480 / 32 images = 15
+    repeats). `own_reg`: regularisation samples before balancing. ValueError when the config fixes the length in
+    steps instead of epochs."""
+    if epochs is None:
+        raise ValueError("--suggest-repeats plans repeats for a number of epochs, but the config sets "
+                         "train.max_steps (the length whatever the repeats): add train.epochs=N to the command")
+    if not plan.folders:
+        raise ValueError("--suggest-repeats: the dataset has no training folders")
+    repeats = _best_repeats(plan, target, own_reg, epochs)
+    samples, steps = _steps_for(plan, repeats, own_reg, epochs)
+    batch = plan.batch_size * plan.accumulation
+    lines = [f"repeats for {target} steps in {epochs} epochs (--suggest-repeats):",
+             f"  per epoch : {target} steps / {epochs} epochs = {target / epochs:g} steps × {batch} images per step"
+             f" = {target / epochs * batch:g} samples" + (" (half of them regularisation samples)" if own_reg else "")]
+    for folder, new in zip(plan.folders, repeats):
+        change = "unchanged" if new == folder.repeats else folder.how_to_change.format(new) or f"was {folder.repeats}"
+        lines.append(f"  {folder.label}: {folder.images} images × {new} repeats = {folder.images * new} samples"
+                     f"  ({change})")
+    batches = math.ceil(samples / plan.batch_size)
+    steps_text = f"ceil({samples} / batch size {plan.batch_size}) = {batches} batches"
+    if plan.accumulation > 1:
+        steps_text += f" / accumulation {plan.accumulation} → {math.ceil(batches / plan.accumulation)} steps"
+    exact = "exactly" if steps == target else f"the nearest to {target} these folders allow"
+    lines.append(f"  result : {epochs} epochs × {steps_text} per epoch = {steps} steps ({exact})")
+    if buckets:
+        lines.append("  note: with buckets a batch never mixes sizes, so partial batches may add a few steps; "
+                     "run --check again after the change to see the exact count")
+    return lines

@@ -19,12 +19,13 @@ from library.models.parts import ModelParts
 from library.training.checkpoints import (Progress, epoch_file, final_file, load_state, prune_saved, save_state,
                                           state_dir_for, step_file)
 from library.training.hooks import TrainerHooks
-from library.training.logs import RunLog
+from library.training.logs import RunLog, run_folder, tensorboard_command
 from library.training.loss import (make_noise, min_snr_weights, per_sample_loss, pixel_weighted_loss,
                                    sample_timesteps, target_for)
 from library.registry import canonical_optimizer_name
 from library.training.optimizers import build_optimizer, uses_relative_step
 from library.training.resolved import ResolvedRun
+from library.training.run_summary import summary_path, write_run_summary
 from library.training.schedules import A1111Schedule, a1111_lambda_scheduler, build_scheduler, current_lrs
 from library.training.trainable import StartPoint, Trainable
 
@@ -54,6 +55,7 @@ class Trainer:
         self.progress = start.progress if start else Progress()
         self.hooks = hooks or TrainerHooks()
         self.log: RunLog | None = None  # while training: the progress bar and TensorBoard writer hooks may use
+        self.resumed_log_dir: str | None = None  # the TensorBoard folder a resumed state recorded
         self.saved: dict[str, list[Path]] = {"epoch": [], "step": []}  # this run's intermediates, for keep_last
 
     # ---------------------------------------------------------------- set-up
@@ -144,6 +146,7 @@ class Trainer:
         if state.scaler is not None and loop.accelerator.scaler is not None:
             loop.accelerator.scaler.load_state_dict(state.scaler)
         self.progress = state.progress
+        self.resumed_log_dir = state.extra.get("tensorboard_dir")
         saved_total = state.extra.get("total_steps")
         shape = self.run.run_shape()
         changed = [f"{key} {state.extra[key]} → {shape[key]}" for key in shape
@@ -196,8 +199,9 @@ class Trainer:
         """Write the artifact (and state); `kind` "epoch"/"step" marks an intermediate that keep_last prunes."""
         self.trainable.save(artifact, self.progress)
         if with_state:
+            extra = {**self.run.run_shape(), **({"tensorboard_dir": str(self.log.dir)} if self.log else {})}
             save_state(state_dir_for(artifact), self.progress, self.trainable.state_dict(), loop.optimizer,
-                       loop.scheduler, loop.accelerator.scaler, self.run.run_shape())
+                       loop.scheduler, loop.accelerator.scaler, extra)
         self.hooks.after_save(self, loop, artifact)
         if kind is not None:
             self.saved[kind].append(artifact)
@@ -217,13 +221,20 @@ class Trainer:
         self._save(loop, path, save.save_state, kind)
         log.write(f"saved {path}")
 
-    def _save_interrupted(self, loop: LoopParts, log: RunLog | None) -> None:
+    def _save_interrupted(self, loop: LoopParts, log: RunLog) -> None:
         path = step_file(self.output_dir, self.config.save.name, self.progress.global_step,
                          self.trainable.artifact_suffix)
         self._save(loop, path, with_state=True)
-        message = (f"\ninterrupted at step {self.progress.global_step}: saved {path} and its state.\n"
-                   f"resume with: save.resume={state_dir_for(path)}")
-        (log.write if log else print)(message)
+        self._summary("interrupted", log, output=str(path), resume_state=str(state_dir_for(path)))
+        log.write(f"\ninterrupted at step {self.progress.global_step}: saved {path} and its state.\n"
+                  f"resume with: save.resume={state_dir_for(path)}")
+
+    def _summary(self, status: str, log: RunLog, **fields) -> None:
+        """<output_dir>/<name>.run.json, for scripts and the run queue (library/training/run_summary.py)."""
+        average = log.average.value if log.average.values else None
+        write_run_summary(summary_path(self.output_dir, self.config.save.name), status,
+                          step=self.progress.global_step, total_steps=self.plan.total_steps, final_loss=average,
+                          last_loss=log.last_loss, tensorboard=str(log.dir), **fields)
 
     # ---------------------------------------------------------------- the loop
     def _check_clip_skip(self) -> None:
@@ -253,9 +264,8 @@ class Trainer:
             print("\ninterrupted while caching latents, before any training step: nothing to save")
             raise SystemExit(130) from None
         self.trainable.set_train(True)
-        log = RunLog(self.config.logging.log_dir, self.config.save.name, self.plan.total_steps,
-                     self.progress.global_step)
-        self.log = log
+        log = self.log = self._open_log()
+        self._summary("running", log)
         try:
             self.hooks.before_train(self, loop)
             self._epochs(loop, log)
@@ -263,12 +273,26 @@ class Trainer:
             self._save_interrupted(loop, log)
             log.close()
             raise SystemExit(130) from None
+        except Exception as err:
+            self._summary("failed", log, error=str(err).splitlines()[0] if str(err) else type(err).__name__)
+            log.close()
+            raise
         log.close()
         final = final_file(self.output_dir, self.config.save.name, self.trainable.artifact_suffix)
         self._save(loop, final, with_state=self.config.save.save_state)
         self.hooks.after_train(self, loop, final)
+        self._summary("finished", log, output=str(final))
         print(f"saved {final}\nTensorBoard logs: {log.dir}")
         return final
+
+    def _open_log(self) -> RunLog:
+        """The progress bar and TensorBoard writer; a resumed run writes on in its earlier TensorBoard folder."""
+        from library.config.loading import config_to_toml
+
+        folder = run_folder(self.config.logging.log_dir, self.config.save.name, self.resumed_log_dir,
+                            continuing=self.start is not None)
+        print(tensorboard_command(folder))
+        return RunLog(folder, self.plan.total_steps, self.progress.global_step, config_to_toml(self.config))
 
     def _epochs(self, loop: LoopParts, log: RunLog) -> None:
         for epoch in range(self.progress.epoch, self.plan.epochs):

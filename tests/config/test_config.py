@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from library.config.loading import ConfigError, config_to_toml, parse_override
+from library.config.loading import ConfigError, config_to_toml, parse_override, read_raw_config
+from library.config.trainers import infer_trainer
 from library.recipes.lora import LoraRunConfig
 from library.recipes.dreambooth import RECIPE as DREAMBOOTH
 from library.recipes.lora import RECIPE as LORA
@@ -26,13 +27,17 @@ max_steps = 10
 
 
 def config_class_for(path: Path):
-    # presets name their trainer in the file name: *_ti.toml / ti_*.toml are textual-inversion presets,
-    # *dreambooth*.toml DreamBooth ones
-    if "ti" in path.stem.lower().split("_"):
-        return TEXTUAL_INVERSION
-    if "dreambooth" in path.stem.lower():
-        return DREAMBOOTH
-    return LORA
+    """The recipe the queue would pick: the preset's `trainer` key, or its sections (library/config/trainers.py)."""
+    trainer = infer_trainer(read_raw_config(path, []).data)
+    return {"lora": LORA, "textual_inversion": TEXTUAL_INVERSION, "dreambooth": DREAMBOOTH}[trainer]
+
+
+def test_presets_are_read_as_the_trainer_their_name_says():
+    expected = {"quickstart_ti.toml": TEXTUAL_INVERSION, "ti_seed_tutorial.toml": TEXTUAL_INVERSION,
+                "dreambooth_sd15.toml": DREAMBOOTH, "quickstart_dreambooth.toml": DREAMBOOTH,
+                "lora_sd15_locon.toml": LORA}
+    for path in CONFIGS:
+        assert config_class_for(path) is expected.get(path.name, LORA), path.name
 
 
 # Presets for real models point at files users have and we don't ship; only those keys are swapped for the test.

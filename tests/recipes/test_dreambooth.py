@@ -188,7 +188,8 @@ def test_diffusers_folders_are_pruned_protected_and_resume_exactly(tmp_path, cap
             "save.save_state=true"]
     assert run(path, *args) == 0
     out = tmp_path / "out"
-    assert sorted(p.name for p in out.iterdir()) == ["t", "t-state", "t-step00000003", "t-step00000003-state"]
+    assert sorted(p.name for p in out.iterdir()) == ["t", "t-state", "t-step00000003", "t-step00000003-state",
+                                                        "t.run.json"]
     reference = load_model(str(out / "t"))
 
     with pytest.raises(SystemExit):  # a folder output is protected like a file

@@ -165,4 +165,4 @@ def test_epoch_saves_are_named_and_pruned(tmp_path):
     # 60 samples / batch 6 = 10 steps per epoch; 4 epochs; save every epoch, keep the last 2
     assert run(path, "train.max_steps=40", "train.batch_size=6", "save.every_n_epochs=1", "save.keep_last=2") == 0
     names = sorted(p.name for p in (tmp_path / "out").iterdir())
-    assert names == ["t-000002.safetensors", "t-000003.safetensors", "t.safetensors"]
+    assert names == ["t-000002.safetensors", "t-000003.safetensors", "t.run.json", "t.safetensors"]
