@@ -9,6 +9,8 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
+from library.faults import fault_point
+
 
 def _default_mode() -> int:
     # mkstemp and safetensors create 0600 files; give outputs the usual umask-based permissions instead,
@@ -29,8 +31,10 @@ def write_atomically(path: str | Path, write: Callable[[Path], None], mode: int 
     os.close(fd)
     temporary = Path(name)
     try:
+        fault_point("artifact-write", path)
         write(temporary)
         os.chmod(temporary, mode)
+        fault_point("artifact-before-rename", path)
         os.replace(temporary, path)
     finally:
         temporary.unlink(missing_ok=True)

@@ -142,6 +142,8 @@ class TrainSection(Section):
     attention: Literal["auto", "sdpa", "xformers"] = "auto"
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     num_threads: int = Field(0, ge=0)  # 0 = torch default
+    nan_policy: Literal["stop", "skip"] = "stop"  # a NaN/inf loss stops the run, or skips its batch
+    nan_skip_limit: int = Field(10, ge=1)  # with "skip": batches skipped before the run stops anyway
 
     @model_validator(mode="after")
     def _one_length(self) -> "TrainSection":

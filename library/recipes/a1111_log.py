@@ -46,11 +46,15 @@ class A1111Log(TrainerHooks):
         if log.create_image_every and step % log.create_image_every == 0:
             self.preview(step, batch)
 
-    def after_train(self, trainer: Trainer, loop: LoopParts, final: Path) -> None:
-        self.trainable.sync_rows()
+    def after_save(self, trainer: Trainer, loop: LoopParts, artifact: Path) -> None:
+        """`<embedding>.optim` beside every saved embedding (intermediate, interrupted, final), so A1111's way of
+        resuming — from the embedding and its .optim — continues exactly from any of them."""
         if self.config.embedding.save_optimizer_state:
             vectors = self.trainable.embedding(self.name, trainer.progress.global_step).vectors
-            save_optimizer_state(final, vectors, loop.optimizer.state_dict(), self.optimizer_name)
+            save_optimizer_state(artifact, vectors, loop.optimizer.state_dict(), self.optimizer_name)
+
+    def after_train(self, trainer: Trainer, loop: LoopParts, final: Path) -> None:
+        self.trainable.sync_rows()
 
     def write_csv(self, step: int, loss: float, lr: float) -> None:
         """One row of A1111's loss CSV. Appended (not rewritten) so a resumed run continues the file."""

@@ -45,6 +45,7 @@ class Recipe:
     """Base class; each trainer module defines one subclass and a module-level `RECIPE` instance."""
 
     name: str = ""
+    script: str = ""  # the root script that runs this recipe (for the command that resumes a run)
     config_class: type["RunConfig"]
     # (section, key, "file" | "folder") of this trainer's own paths: resolved and checked like the shared ones
     path_keys: tuple[tuple[str, str, str], ...] = ()
@@ -58,6 +59,10 @@ class Recipe:
     def optimizer_lrs(self, config: "RunConfig") -> dict[str, float]:
         """The learning rate of each parameter group the run will have (checked before any model loads)."""
         return {"model": config.optimizer.lr}
+
+    def lr_settings(self, config: "RunConfig") -> list[str]:
+        """The learning-rate keys in effect as `key = value` (named when the loss diverges)."""
+        return [f"optimizer.lr = {config.optimizer.lr:g}"]
 
     def model_problems(self, config: "RunConfig", header: "ModelHeader") -> list[str]:
         """Problems of this trainer's files against the model's family and widths (read from its header, not
@@ -106,3 +111,12 @@ def value_of(data: dict, section: str, key: str, kind: type, default: Any = None
     """A raw config value when it has the expected type, else `default` (the schema reports wrong types)."""
     value = table(data, section).get(key, default)
     return value if isinstance(value, kind) and not (kind is int and isinstance(value, bool)) else default
+
+
+def part_lr_settings(section: str, values: Any, lr: float, parts: list[str]) -> list[str]:
+    """lr_settings of a trainer with `<section>.<part>_lr` keys that fall back to optimizer.lr."""
+    settings = []
+    for part in parts:
+        own = getattr(values, f"{part}_lr", None)
+        settings.append(f"{section}.{part}_lr = {own:g}" if own else f"optimizer.lr = {lr:g} (for the {part})")
+    return settings

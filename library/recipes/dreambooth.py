@@ -8,7 +8,7 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from library.config.schema import RunConfig, Section, fill_defaults
-from library.recipes.base import Built, Recipe, value_of
+from library.recipes.base import Built, Recipe, part_lr_settings, value_of
 
 
 class DreamBoothSection(Section):
@@ -71,6 +71,7 @@ def _dreambooth_problems(config: DreamBoothRunConfig) -> list[str]:
 
 class DreamBoothRecipe(Recipe):
     name = "dreambooth"
+    script = "train_dreambooth.py"
     config_class = DreamBoothRunConfig
 
     def environment_problems(self, data: dict) -> list[str]:
@@ -94,6 +95,9 @@ class DreamBoothRecipe(Recipe):
         if db.train_text_encoder:
             lrs["text_encoder"] = db.text_encoder_lr or lr
         return lrs
+
+    def lr_settings(self, config: DreamBoothRunConfig) -> list[str]:
+        return part_lr_settings("dreambooth", config.dreambooth, config.optimizer.lr, list(self.optimizer_lrs(config)))
 
     def text_encoder_trained_by(self, config: DreamBoothRunConfig) -> str | None:
         return "dreambooth.train_text_encoder" if config.dreambooth.train_text_encoder else None

@@ -8,7 +8,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from library.config.schema import RunConfig, Section
-from library.recipes.base import Built, Recipe, value_of
+from library.recipes.base import Built, Recipe, part_lr_settings, value_of
 
 LYCORIS_TYPES = ("loha", "lokr")
 
@@ -54,6 +54,7 @@ class LoraRunConfig(RunConfig):
 
 class LoraRecipe(Recipe):
     name = "lora"
+    script = "train_lora.py"
     config_class = LoraRunConfig
     path_keys = (("network", "init_weights", "file"),)
 
@@ -87,6 +88,9 @@ class LoraRecipe(Recipe):
         if net.train_text_encoder:
             lrs["text_encoder"] = net.text_encoder_lr or lr
         return lrs
+
+    def lr_settings(self, config: LoraRunConfig) -> list[str]:
+        return part_lr_settings("network", config.network, config.optimizer.lr, list(self.optimizer_lrs(config)))
 
     def model_problems(self, config: LoraRunConfig, header) -> list[str]:
         from library.models.header import tensor_shapes

@@ -195,4 +195,5 @@ def resolve(config: RunConfig, recipe: Recipe) -> ResolvedRun:
         warmup_steps=resolve_warmup_steps(change.plan.total_steps, opt.warmup_steps, opt.warmup_ratio),
         lr_schedule=change.lr_schedule, device=resolve_device(train.device),
         weight_dtype=WEIGHT_DTYPES[train.mixed_precision], save_dtype=SAVE_DTYPES[config.save.precision],
-        cache_text_encoder_outputs=ds.cache_text_encoder_outputs, notes=notes, buckets=buckets)
+        cache_text_encoder_outputs=ds.cache_text_encoder_outputs, notes=notes, buckets=buckets,
+        lr_settings=tuple(recipe.lr_settings(config)))

@@ -199,7 +199,11 @@ def _run(recipe: "Recipe", argv: list[str] | None, description: str) -> int:
     if prepared is None:
         return 0
     run, load = prepared
+    import dataclasses
+
     from library.quiet import quiet_libraries
+
+    run = dataclasses.replace(run, command=launch_command(recipe, argv))
 
     quiet_libraries()  # before the imports that pull in peft, diffusers and transformers
     if run.config.train.num_threads:
@@ -207,6 +211,21 @@ def _run(recipe: "Recipe", argv: list[str] | None, description: str) -> int:
 
         torch.set_num_threads(run.config.train.num_threads)
     return train(recipe, run, load())
+
+
+def launch_command(recipe: "Recipe", argv: list[str] | None) -> tuple[str, ...]:
+    """The command line as it can be typed again from here: this Python, the script and its arguments."""
+    import os
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    script = sys.argv[0] if argv is None and sys.argv[0].endswith(".py") else recipe.script
+    python = sys.executable or "python"
+    try:
+        relative = os.path.relpath(python)
+        python = python if relative.startswith("..") else relative
+    except ValueError:  # another drive on Windows
+        pass
+    return (python, script, *args)
 
 
 def train(recipe: "Recipe", run: "ResolvedRun", parts: "ModelParts") -> int:

@@ -117,6 +117,7 @@ def _ti_dataset_problems(config: TIRunConfig) -> list[str]:
 
 class TextualInversionRecipe(Recipe):
     name = "textual_inversion"
+    script = "train_textual_inversion.py"
     config_class = TIRunConfig
     path_keys = (("embedding", "resume", "file"),)
     captionless = FILE_NAME
@@ -149,6 +150,11 @@ class TextualInversionRecipe(Recipe):
 
     def optimizer_lrs(self, config: TIRunConfig) -> dict[str, float]:
         return {"embedding": config.optimizer.lr}
+
+    def lr_settings(self, config: TIRunConfig) -> list[str]:
+        if config.embedding.learn_rate.strip():
+            return [f"embedding.learn_rate = {config.embedding.learn_rate.strip()!r}"]
+        return [f"optimizer.lr = {config.optimizer.lr:g}"]
 
     def model_problems(self, config: TIRunConfig, header) -> list[str]:
         from library.networks.compat import embedding_problem

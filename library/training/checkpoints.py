@@ -4,6 +4,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import pickle
 import re
 import shutil
 from dataclasses import asdict, dataclass
@@ -13,6 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from library.atomic import write_atomically
+from library.faults import fault_point
 
 
 @dataclass
@@ -55,16 +57,36 @@ def existing_outputs(output_dir: Path, name: str) -> list[Path]:
 
 
 def remove_artifact(artifact: Path) -> None:
-    """Delete an intermediate artifact (file or diffusers folder), its state folder and sidecars (`.optim`)."""
+    """Delete an intermediate artifact (file or diffusers folder), its state folder and sidecars (`.optim`): the
+    state first, so an interruption never leaves a state without the artifact it belongs to."""
+    state = state_dir_for(artifact)
+    if state.is_dir():
+        shutil.rmtree(state)
+    fault_point("prune-between", artifact)
+    for sidecar in artifact.parent.glob(glob.escape(artifact.name) + ".*"):
+        sidecar.unlink()
     if artifact.is_dir():
         shutil.rmtree(artifact)
     elif artifact.exists():
         artifact.unlink()
-    state = state_dir_for(artifact)
-    if state.is_dir():
-        shutil.rmtree(state)
-    for sidecar in artifact.parent.glob(glob.escape(artifact.name) + ".*"):
-        sidecar.unlink()
+
+
+def temporaries(output_dir: Path, name: str) -> list[Path]:
+    """Hidden leftovers of this run name's interrupted writes in output_dir: `.<file>.<random>.tmp` files,
+    `.<name>-state.tmp` and `.<folder>.tmp-<random>` folders, `.<folder>.old-<pid>` backups."""
+    if not Path(output_dir).is_dir():
+        return []
+    pattern = re.compile(rf"^\.{re.escape(name)}(-\d{{6}}|-step\d{{8}})?(-state)?(\.[A-Za-z0-9.]+)?"
+                         r"\.(tmp|[^/]*\.tmp|tmp-[^/]*|old-\d+)$")
+    return sorted(p for p in Path(output_dir).iterdir() if pattern.match(p.name))
+
+
+def remove_temporaries(output_dir: Path, name: str) -> list[Path]:
+    """Remove (and return) what `temporaries` finds: nothing in it is a complete file."""
+    found = temporaries(output_dir, name)
+    for path in found:
+        shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+    return found
 
 
 def prune_saved(saved: list[Path], keep_last: int) -> list[Path]:
@@ -81,20 +103,27 @@ def prune_saved(saved: list[Path], keep_last: int) -> list[Path]:
 def save_state(folder: Path, progress: Progress, trainable: dict[str, torch.Tensor], optimizer, scheduler,
                scaler=None, extra: dict | None = None) -> None:
     """Everything needed to continue exactly: trainable tensors, optimizer, LR schedule, step/epoch/batch.
-    Data order and noise are derived from (seed, step), so no RNG state is needed."""
+    Data order and noise are derived from (seed, step), so no RNG state is needed. Written in a hidden folder
+    beside it and moved into place, so a state folder is always complete (a kill leaves only a hidden one,
+    which the next run removes)."""
     tmp = folder.with_name(f".{folder.name}.tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
+    fault_point("state-write", tmp)
     save_file({k: v.detach().cpu().contiguous() for k, v in trainable.items()}, str(tmp / "trainable.safetensors"))
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
     if scaler is not None:
         torch.save(scaler.state_dict(), tmp / "scaler.pt")
     (tmp / "progress.json").write_text(json.dumps({**asdict(progress), **(extra or {})}, indent=2))
+    fault_point("state-before-rename", folder)
+    old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
     if folder.exists():
-        shutil.rmtree(folder)
+        os.replace(folder, old)
     os.replace(tmp, folder)
+    if old.exists():
+        shutil.rmtree(old)
 
 
 @dataclass
@@ -107,20 +136,37 @@ class LoadedState:
     scaler: dict | None
 
 
+def _safe_load(path: Path):
+    """torch.load(weights_only=True), with one line for a damaged file or one holding pickled code (never
+    PyTorch's advice to unpickle it)."""
+    try:
+        return torch.load(path, weights_only=True)
+    except pickle.UnpicklingError:
+        raise ValueError(f"{path} holds pickled Python objects besides tensors; Kiln never unpickles such files "
+                         "(they can run code): resume from a state Kiln wrote") from None
+    except Exception as exc:  # noqa: BLE001 - torch raises many types for a cut-short or corrupt file
+        raise ValueError(f"{path} cannot be read ({str(exc).splitlines()[0]}); the file is damaged: resume from "
+                         "an earlier state") from None
+
+
 def load_state(folder: Path) -> LoadedState:
-    """Read a state folder written by save_state (tensors via safetensors, the rest with weights_only=True)."""
+    """Read a state folder written by save_state (tensors via safetensors, the rest with weights_only=True).
+    ValueError with one line naming the file for a missing, damaged or foreign part."""
     missing = [n for n in ("progress.json", "trainable.safetensors", "optimizer.pt", "scheduler.pt")
                if not (folder / n).is_file()]
     if missing:
         raise ValueError(f"{folder} is not a complete training state (missing {', '.join(missing)})")
-    info = json.loads((folder / "progress.json").read_text())
-    progress = Progress(info.pop("global_step"), info.pop("epoch"), info.pop("next_batch"))
+    try:
+        info = json.loads((folder / "progress.json").read_text(encoding="utf-8"))
+        progress = Progress(info.pop("global_step"), info.pop("epoch"), info.pop("next_batch"))
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise ValueError(f"{folder / 'progress.json'} is damaged ({exc}): resume from an earlier state") from None
+    try:
+        trainable = load_file(str(folder / "trainable.safetensors"))
+    except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types for a cut-short file
+        raise ValueError(f"{folder / 'trainable.safetensors'} is damaged ({str(exc).splitlines()[0]}): resume "
+                         "from an earlier state") from None
     scaler_path = folder / "scaler.pt"
-    return LoadedState(
-        progress=progress,
-        extra=info,
-        trainable=load_file(str(folder / "trainable.safetensors")),
-        optimizer=torch.load(folder / "optimizer.pt", weights_only=True),
-        scheduler=torch.load(folder / "scheduler.pt", weights_only=True),
-        scaler=torch.load(scaler_path, weights_only=True) if scaler_path.is_file() else None,
-    )
+    return LoadedState(progress=progress, extra=info, trainable=trainable,
+                       optimizer=_safe_load(folder / "optimizer.pt"), scheduler=_safe_load(folder / "scheduler.pt"),
+                       scaler=_safe_load(scaler_path) if scaler_path.is_file() else None)

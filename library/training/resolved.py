@@ -32,6 +32,8 @@ class ResolvedRun:
     cache_text_encoder_outputs: bool
     notes: list[str] = field(default_factory=list)  # lines for the dataset summary
     buckets: BucketAssignment | None = None  # the aspect-ratio buckets, when dataset.enable_buckets
+    lr_settings: tuple[str, ...] = ()  # the learning-rate keys in effect, "key = value" (Recipe.lr_settings)
+    command: tuple[str, ...] = ()  # the command line that started the run, to print the one that continues it
 
     def run_shape(self) -> dict:
         """What a resumed run must share with this one for its data order and schedule to continue exactly."""

@@ -3,10 +3,11 @@ decides HOW: noise, loss, accumulation, mixed precision, checkpoints, resume, Ct
 from __future__ import annotations
 
 import math
-import sys
 import warnings
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 from accelerate import Accelerator
@@ -16,9 +17,11 @@ from library.data.batches import Batch, hash_ints
 from library.data.sources import ConditioningSource, LatentSource
 from library.models.attention import select_attention
 from library.models.parts import ModelParts
-from library.training.checkpoints import (Progress, epoch_file, final_file, load_state, prune_saved, save_state,
-                                          state_dir_for, step_file)
+from library.errors import UserError
+from library.training.checkpoints import Progress, load_state, save_state, state_dir_for
+from library.training.divergence import NanGuard
 from library.training.hooks import TrainerHooks
+from library.training.interrupts import StopRequests
 from library.training.logs import RunLog, run_folder, tensorboard_command
 from library.training.loss import (make_noise, min_snr_weights, per_sample_loss, pixel_weighted_loss,
                                    sample_timesteps, target_for)
@@ -26,8 +29,13 @@ from library.registry import canonical_optimizer_name
 from library.training.optimizers import build_optimizer, uses_relative_step
 from library.training.resolved import ResolvedRun
 from library.training.run_summary import summary_path, write_run_summary
+from library.training.saving import RunSaver
 from library.training.schedules import A1111Schedule, a1111_lambda_scheduler, build_scheduler, current_lrs
 from library.training.trainable import StartPoint, Trainable
+
+
+class TrainingSetupError(UserError):
+    """The loaded model or the state to resume from does not fit the run."""
 
 
 @dataclass
@@ -56,7 +64,10 @@ class Trainer:
         self.hooks = hooks or TrainerHooks()
         self.log: RunLog | None = None  # while training: the progress bar and TensorBoard writer hooks may use
         self.resumed_log_dir: str | None = None  # the TensorBoard folder a resumed state recorded
-        self.saved: dict[str, list[Path]] = {"epoch": [], "step": []}  # this run's intermediates, for keep_last
+        self.stops = StopRequests()
+        self.saver: RunSaver | None = None  # set once the loop's parts exist (train)
+        train = run.config.train
+        self.nan_guard = NanGuard(train.nan_policy, train.nan_skip_limit, run.lr_settings, train.mixed_precision)
 
     # ---------------------------------------------------------------- set-up
     def _place_models(self, device: torch.device) -> None:
@@ -139,21 +150,27 @@ class Trainer:
 
     def _resume(self, loop: LoopParts) -> None:
         folder = Path(self.config.save.resume)
-        state = load_state(folder)
-        self.trainable.load_state_dict(state.trainable)
-        loop.optimizer.load_state_dict(state.optimizer)
-        loop.scheduler.load_state_dict(state.scheduler)
+        try:
+            state = load_state(folder)
+            self.trainable.load_state_dict(state.trainable)
+            loop.optimizer.load_state_dict(state.optimizer)
+            loop.scheduler.load_state_dict(state.scheduler)
+        except (ValueError, KeyError, RuntimeError) as err:  # another network/optimizer, or a damaged file
+            raise TrainingSetupError(f"cannot resume from {folder}: {str(err).splitlines()[0]}") from None
         if state.scaler is not None and loop.accelerator.scaler is not None:
             loop.accelerator.scaler.load_state_dict(state.scaler)
         self.progress = state.progress
         self.resumed_log_dir = state.extra.get("tensorboard_dir")
+        self.nan_guard.skipped = int(state.extra.get("nan_skipped", 0))
         saved_total = state.extra.get("total_steps")
         shape = self.run.run_shape()
         changed = [f"{key} {state.extra[key]} → {shape[key]}" for key in shape
                    if key != "total_steps" and key in state.extra and state.extra[key] != shape[key]]
         if changed:
-            raise ValueError(f"{folder} was saved by a run with other data or batching ({'; '.join(changed)}): "
-                             "resuming would not continue its data order; restore those settings or start anew")
+            raise TrainingSetupError(
+                f"cannot resume from {folder}: it was saved by a run with other data or batching "
+                f"({'; '.join(changed)}): resuming would not continue its data order; restore those settings or "
+                "start anew")
         if saved_total is not None and saved_total != self.plan.total_steps:
             print(f"note: the state was saved by a run planned for {saved_total} steps; this one plans "
                   f"{self.plan.total_steps}, so the LR schedule continues on the new length")
@@ -195,39 +212,29 @@ class Trainer:
         loop.optimizer.zero_grad(set_to_none=True)
 
     # ---------------------------------------------------------------- saving
-    def _save(self, loop: LoopParts, artifact: Path, with_state: bool, kind: str | None = None) -> None:
-        """Write the artifact (and state); `kind` "epoch"/"step" marks an intermediate that keep_last prunes."""
+    def _write_files(self, loop: LoopParts, artifact: Path, with_state: bool) -> None:
+        """The artifact, then its state (a kill between leaves a usable artifact, never a state without one)."""
         self.trainable.save(artifact, self.progress)
         if with_state:
-            extra = {**self.run.run_shape(), **({"tensorboard_dir": str(self.log.dir)} if self.log else {})}
+            extra = {**self.run.run_shape(), "nan_skipped": self.nan_guard.skipped,
+                     **({"tensorboard_dir": str(self.log.dir)} if self.log else {})}
             save_state(state_dir_for(artifact), self.progress, self.trainable.state_dict(), loop.optimizer,
                        loop.scheduler, loop.accelerator.scaler, extra)
         self.hooks.after_save(self, loop, artifact)
-        if kind is not None:
-            self.saved[kind].append(artifact)
-            prune_saved(self.saved[kind], self.config.save.keep_last)
 
-    def _save_if_due(self, loop: LoopParts, log: RunLog, epoch_done: bool) -> None:
-        save, p = self.config.save, self.progress
-        if p.global_step >= self.plan.total_steps:
-            return  # the final save follows
-        suffix = self.trainable.artifact_suffix
-        if epoch_done and save.every_n_epochs and p.epoch % save.every_n_epochs == 0:
-            path, kind = epoch_file(self.output_dir, save.name, p.epoch, suffix), "epoch"
-        elif not epoch_done and save.every_n_steps and p.global_step % save.every_n_steps == 0:
-            path, kind = step_file(self.output_dir, save.name, p.global_step, suffix), "step"
-        else:
-            return
-        self._save(loop, path, save.save_state, kind)
-        log.write(f"saved {path}")
+    def _say(self, message: str) -> None:
+        (self.log.write if self.log else print)(message)
 
-    def _save_interrupted(self, loop: LoopParts, log: RunLog) -> None:
-        path = step_file(self.output_dir, self.config.save.name, self.progress.global_step,
-                         self.trainable.artifact_suffix)
-        self._save(loop, path, with_state=True)
-        self._summary("interrupted", log, output=str(path), resume_state=str(state_dir_for(path)))
-        log.write(f"\ninterrupted at step {self.progress.global_step}: saved {path} and its state.\n"
-                  f"resume with: save.resume={state_dir_for(path)}")
+    def _stopped(self, log: RunLog) -> NoReturn:
+        """Ctrl-C or SIGTERM: save the result and a state, print the command that continues, exit."""
+        step = self.progress.global_step
+        artifact, state = self.saver.interrupted(step)
+        command = self.saver.resume_command(state)
+        self._summary("interrupted", log, output=str(artifact), resume_state=str(state), resume_command=command)
+        log.write(f"\nstopped at step {step} of {self.plan.total_steps}: saved {artifact} and its state.\n"
+                  f"continue with:\n  {command}")
+        log.close()
+        raise SystemExit(self.stops.exit_code())
 
     def _summary(self, status: str, log: RunLog, **fields) -> None:
         """<output_dir>/<name>.run.json, for scripts and the run queue (library/training/run_summary.py)."""
@@ -242,19 +249,16 @@ class Trainer:
         for encoder in self.parts.text_encoders:
             layers = getattr(encoder.config, "num_hidden_layers", None)
             if layers is not None and clip_skip > layers:
-                print(f"error: model.clip_skip = {clip_skip} but the text encoder has {layers} layers",
-                      file=sys.stderr)
-                raise SystemExit(2)
+                raise TrainingSetupError(f"model.clip_skip = {clip_skip} but the text encoder has {layers} layers")
 
     def train(self) -> Path:
         self._check_clip_skip()
         loop = self._setup()
+        self.saver = RunSaver(self.config.save, self.trainable.artifact_suffix, self.stops,
+                              partial(self._write_files, loop), self._say, self.run.command)
+        self.saver.clean_leftovers()
         if self.config.save.resume:
-            try:
-                self._resume(loop)
-            except ValueError as err:  # a state of another network/optimizer/data: say so, no traceback
-                print(f"error: cannot resume from {self.config.save.resume}: {err}", file=sys.stderr)
-                raise SystemExit(2) from None
+            self._resume(loop)
         if self.progress.global_step >= self.plan.total_steps:
             print(f"the state is already at step {self.progress.global_step} of {self.plan.total_steps}: "
                   "nothing to train; raise train.max_steps / train.epochs to continue")
@@ -266,24 +270,28 @@ class Trainer:
         self.trainable.set_train(True)
         log = self.log = self._open_log()
         self._summary("running", log)
+        with self.stops:
+            self._train_loop(loop, log)
+            if self.stops.requested and self.progress.global_step < self.plan.total_steps:
+                self._stopped(log)
+            log.close()
+            final = self.saver.final()
+            self.hooks.after_train(self, loop, final)
+        self._summary("finished", log, output=str(final))
+        print(f"saved {final}\nTensorBoard logs: {log.dir}")
+        return final
+
+    def _train_loop(self, loop: LoopParts, log: RunLog) -> None:
+        """before_train and the epochs; a failure is recorded in the run summary before it propagates."""
         try:
             self.hooks.before_train(self, loop)
             self._epochs(loop, log)
-        except KeyboardInterrupt:
-            self._save_interrupted(loop, log)
-            log.close()
-            raise SystemExit(130) from None
+        except KeyboardInterrupt:  # a signal the handler did not catch (not the main thread): stop the same way
+            self.stops.requested = True
         except Exception as err:
             self._summary("failed", log, error=str(err).splitlines()[0] if str(err) else type(err).__name__)
             log.close()
             raise
-        log.close()
-        final = final_file(self.output_dir, self.config.save.name, self.trainable.artifact_suffix)
-        self._save(loop, final, with_state=self.config.save.save_state)
-        self.hooks.after_train(self, loop, final)
-        self._summary("finished", log, output=str(final))
-        print(f"saved {final}\nTensorBoard logs: {log.dir}")
-        return final
 
     def _open_log(self) -> RunLog:
         """The progress bar and TensorBoard writer; a resumed run writes on in its earlier TensorBoard folder."""
@@ -296,7 +304,7 @@ class Trainer:
 
     def _epochs(self, loop: LoopParts, log: RunLog) -> None:
         for epoch in range(self.progress.epoch, self.plan.epochs):
-            if self.progress.global_step >= self.plan.total_steps:
+            if self.progress.global_step >= self.plan.total_steps or self.stops.requested:
                 return
             batches = self.data.epoch_batches(epoch)
             epoch_losses = self._epoch(loop, log, epoch, batches)
@@ -306,13 +314,14 @@ class Trainer:
                 self.hooks.after_epoch(self, loop, epoch + 1)
                 # a finished epoch counts as done even when it is the last (the final file's ss_epoch)
                 self.progress = Progress(self.progress.global_step, epoch + 1, 0)
-                self._save_if_due(loop, log, epoch_done=True)
+                self.saver.due(self.progress, self.plan.total_steps, epoch_done=True)
 
     def _epoch(self, loop: LoopParts, log: RunLog, epoch: int, batches: list[list[int]]) -> list[float]:
-        """The optimizer steps of one epoch from progress.next_batch on; returns their losses."""
+        """The optimizer steps of one epoch from progress.next_batch on; returns their losses. Stops after the
+        step in which Ctrl-C or SIGTERM arrived."""
         accumulation, seed = self.config.train.gradient_accumulation_steps, self.config.train.seed
         epoch_losses: list[float] = []
-        group_loss = 0.0
+        group_loss, group_skipped = 0.0, 0
         for index in range(self.progress.next_batch, len(batches)):
             group_start = (index // accumulation) * accumulation
             group_size = min(accumulation, len(batches) - group_start)
@@ -320,29 +329,27 @@ class Trainer:
             torch.manual_seed(step_seed)  # dropout inside the network draws from the global RNG
             batch = self.data.batch(epoch, batches[index])
             loss = self._loss(loop, batch, epoch, step_seed)
-            if not math.isfinite(loss.item()):
-                raise FloatingPointError(self._nan_hint())
-            loop.accelerator.backward(loss / group_size)
-            self.trainable.after_backward()
-            group_loss += loss.item() / group_size
+            if math.isfinite(loss.item()):
+                loop.accelerator.backward(loss / group_size)
+                self.trainable.after_backward()
+                group_loss += loss.item() / group_size
+            else:  # stops the run (TrainingDiverged), or skips the batch under train.nan_policy = "skip"
+                log.write(self.nan_guard.on_bad_loss(self.progress.global_step + 1, epoch, self.saver.last_good))
+                group_skipped += 1
             if index + 1 - group_start < group_size:
                 continue
             lrs = current_lrs(loop.scheduler, loop.optimizer)  # the rates this step uses, not the next
-            self._optimizer_step(loop)
+            if group_skipped < group_size:
+                self._optimizer_step(loop)
+            else:  # every batch of the group was skipped: no update, the schedule waits (as for an fp16 overflow)
+                loop.optimizer.zero_grad(set_to_none=True)
             self.progress = Progress(self.progress.global_step + 1, epoch, index + 1)
-            log.step(self.progress.global_step, group_loss, lrs, epoch)
+            if group_skipped < group_size:
+                log.step(self.progress.global_step, group_loss, lrs, epoch)
+                epoch_losses.append(group_loss)
             self.hooks.after_step(self, loop, group_loss, lrs, batch)
-            epoch_losses.append(group_loss)
-            group_loss = 0.0
-            self._save_if_due(loop, log, epoch_done=False)
-            if self.progress.global_step >= self.plan.total_steps:
+            group_loss, group_skipped = 0.0, 0
+            self.saver.due(self.progress, self.plan.total_steps, epoch_done=False)
+            if self.progress.global_step >= self.plan.total_steps or self.stops.requested:
                 break
         return epoch_losses
-
-    def _nan_hint(self) -> str:
-        hint = f"the loss became NaN/inf at step {self.progress.global_step + 1}."
-        if self.config.train.mixed_precision == "fp16":
-            hint += " fp16 overflows easily: try train.mixed_precision = 'bf16' (or 'no'), or a lower optimizer.lr."
-        else:
-            hint += " Try a lower optimizer.lr, or check the images for corrupt data."
-        return hint

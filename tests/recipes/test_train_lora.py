@@ -151,8 +151,12 @@ def test_resume_and_ctrl_c_end_with_the_same_weights(tmp_path, monkeypatch, caps
     with pytest.raises(SystemExit) as info:
         run(path, *RESUME_ARGS, f"save.output_dir={c_out}", "save.precision=fp32")
     assert info.value.code == 130
-    assert "resume with: save.resume=" in capsys.readouterr().out
     interrupted = tmp_path / "c" / "t-step00000002-state"
+    out_text = capsys.readouterr().out
+    command = out_text.split("continue with:\n", 1)[1].splitlines()[0].strip()
+    # the full command that continues: the script, the config, the original overrides, and the state
+    assert "train_lora.py" in command and path.as_posix() in command and f"save.output_dir={c_out}" in command
+    assert command.endswith(f"save.resume={interrupted}")
     assert (tmp_path / "c" / "t-step00000002.safetensors").is_file() and interrupted.is_dir()
     monkeypatch.setattr(Trainer, "_optimizer_step", original)
     assert run(path, *RESUME_ARGS, f"save.output_dir={c_out}", f"save.resume={interrupted.as_posix()}",
