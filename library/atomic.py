@@ -4,7 +4,10 @@ The one place every module writes user-visible files through (models, LoRAs, emb
 """
 from __future__ import annotations
 
+import errno
 import os
+import re
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Callable
@@ -20,6 +23,19 @@ def _default_mode() -> int:
     return 0o666 & ~umask
 
 
+def disk_error(exc: Exception, path: Path) -> OSError | None:
+    """The OSError behind a library's write error (safetensors: "... (os error 28)"; torch.save: "file write
+    failed"), so a full disk reads the same whatever wrote the file; None for other errors."""
+    text = str(exc)
+    if found := re.search(r"os error (\d+)", text):
+        code = int(found.group(1))
+    elif "write failed" in text or "No space left" in text:
+        code = errno.ENOSPC if shutil.disk_usage(path.parent).free < (1 << 20) else errno.EIO
+    else:
+        return None
+    return OSError(code, os.strerror(code), str(path))
+
+
 def write_atomically(path: str | Path, write: Callable[[Path], None], mode: int | None = None) -> None:
     """Call write(temporary_path), then move the file onto `path`. On any error the temporary file is removed
     and `path` is untouched. `mode`: permissions (default: an existing file's, else umask-based)."""
@@ -32,7 +48,15 @@ def write_atomically(path: str | Path, write: Callable[[Path], None], mode: int 
     temporary = Path(name)
     try:
         fault_point("artifact-write", path)
-        write(temporary)
+        try:
+            write(temporary)
+        except OSError:
+            raise
+        except Exception as exc:  # a library's own error for a failed write: an OSError like any other
+            as_os_error = disk_error(exc, path)
+            if as_os_error is None:
+                raise
+            raise as_os_error from None
         os.chmod(temporary, mode)
         fault_point("artifact-before-rename", path)
         os.replace(temporary, path)

@@ -40,7 +40,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def _finish(entry: QueueEntry, code: int, started: float, log_file: Path) -> RunResult:
-    status = "ok" if code == 0 else "interrupted" if code == 130 else "failed"
+    status = "ok" if code == 0 else "interrupted" if code in (130, 143) else "failed"  # Ctrl-C, SIGTERM
     result = RunResult(entry, status, code, time.monotonic() - started, log_file)
     summary = read_run_summary(entry.summary_file) if entry.summary_file else None
     # only this run's summary counts: an earlier run's file is older than this run's start

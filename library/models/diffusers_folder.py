@@ -15,6 +15,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import CLIPTokenizer
 
+from library.faults import fault_point
 from library.models.builtin import read_json
 from library.models.families import ModelFamily, family_for_configs, supported_labels
 from library.models.parts import ModelParts, training_scheduler
@@ -143,10 +144,12 @@ def save_diffusers(parts: ModelParts, folder: Path) -> None:
     folder.parent.mkdir(parents=True, exist_ok=True)
     temporary = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
     try:
+        fault_point("artifact-write", folder)
         parts.pipeline().save_pretrained(temporary, safe_serialization=True)
         for slot in parts.family.text_encoders:
             _write_legacy_tokenizer_files(temporary / slot.tokenizer)
             _write_legacy_text_encoder_keys(temporary / slot.attribute)
+        fault_point("artifact-before-rename", folder)
         _replace_folder(temporary, folder)
     except BaseException:
         shutil.rmtree(temporary, ignore_errors=True)

@@ -6,13 +6,15 @@ from __future__ import annotations
 
 import json
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from library.models import ldm_layout as layout
 from library.models.families import ModelFamily, family_for_configs, family_for_ldm_keys, supported_labels
 from library.models.paths import (BUILTIN_PREFIX, CONFIG_ROOT, SINGLE_FILE_SUFFIXES, ModelLoadError,
                                   cached_hub_folder)
+from library.models.sizes import SIZES_FILE, ModelSizes, folder_sizes, ldm_part, read_sizes_file, sizes_from_shapes
+from library.safe_load import UnreadableTensorFile, load_weights_only
 
 
 @dataclass(frozen=True)
@@ -21,6 +23,7 @@ class ModelHeader:
     context_dim: int | None  # the UNet's cross-attention width
     text_widths: tuple[int, ...]  # hidden width of each text encoder, in slot order
     found: str  # how it was told, for the summary line
+    sizes: ModelSizes | None = None  # parameter counts per part, when the shapes can be read without loading
 
     def line(self) -> str:
         widths = " + ".join(str(w) for w in self.text_widths) or "?"
@@ -58,10 +61,9 @@ def tensor_shapes(path: Path) -> dict[str, tuple[int, ...]]:
     import torch
 
     try:  # memory-mapped: the tensors' data stay on disk
-        data = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
-    except Exception as exc:  # noqa: BLE001 - a pickle with code in it is refused, whatever the error type
-        raise ModelLoadError(f"cannot read {path} as a weights-only checkpoint ({str(exc).splitlines()[0]}); "
-                             "Kiln never unpickles code: use the model's .safetensors version") from None
+        data = load_weights_only(path, mmap=zipfile.is_zipfile(path))
+    except UnreadableTensorFile as err:
+        raise ModelLoadError(f"{err}: use the model's .safetensors version") from None
     while isinstance(data, dict) and isinstance(data.get("state_dict"), dict):
         data = data["state_dict"]
     return {k: tuple(v.shape) for k, v in data.items() if isinstance(v, torch.Tensor)} if isinstance(data, dict) else {}
@@ -79,26 +81,35 @@ def _from_single_file(path: Path) -> ModelHeader:
                              f"{text!r}); Kiln trains {supported_labels()}")
     embeddings = sorted(k for k in keys if k.endswith("token_embedding.weight"))
     widths = tuple(shapes[k][1] for k in embeddings)
-    return ModelHeader(family, layout.ldm_context_dim(shapes), widths, "read from the file's header")
+    return ModelHeader(family, layout.ldm_context_dim(shapes), widths, "read from the file's header",
+                       sizes_from_shapes(shapes.items(), ldm_part))
 
 
 def read_model_header(path: str, config_dir: str | None = None) -> ModelHeader:
     """The model's family and widths without loading weights; ModelLoadError naming the file when it is none
     Kiln can train."""
     if path.startswith(BUILTIN_PREFIX):
-        return _from_configs(CONFIG_ROOT / path[len(BUILTIN_PREFIX):], "built-in")
+        folder = CONFIG_ROOT / path[len(BUILTIN_PREFIX):]
+        return replace(_from_configs(folder, "built-in"), sizes=read_sizes_file(folder / SIZES_FILE))
     target = Path(path).expanduser()
     if target.is_dir():
-        return _from_configs(target, "from the folder's configs")
+        return replace(_from_configs(target, "from the folder's configs"), sizes=_safe_folder_sizes(target))
     if target.is_file() and target.suffix.lower() in SINGLE_FILE_SUFFIXES:
         header = _from_single_file(target)
         if config_dir:  # the user's configs describe the file: trust their family and widths
-            return _from_configs(Path(config_dir), f"configs in {config_dir}")
+            return replace(_from_configs(Path(config_dir), f"configs in {config_dir}"), sizes=header.sizes)
         return header
     folder = cached_hub_folder(path)
     if folder is None:
         raise ModelLoadError(f"model not found: {path}")
-    return _from_configs(folder, "from the cached hub folder's configs")
+    return replace(_from_configs(folder, "from the cached hub folder's configs"), sizes=_safe_folder_sizes(folder))
+
+
+def _safe_folder_sizes(folder: Path) -> ModelSizes | None:
+    try:
+        return folder_sizes(folder)
+    except Exception:  # noqa: BLE001 - a damaged weights file is reported when the model loads, not here
+        return None
 
 
 def header_of(parts) -> ModelHeader:

@@ -7,7 +7,6 @@ Pickled files are only ever read with ``torch.load(weights_only=True)``.
 from __future__ import annotations
 
 import json
-import pickle
 import tempfile
 import zipfile
 from pathlib import Path
@@ -27,6 +26,7 @@ from library.models.diffusers_folder import DEFAULT_SCHEDULER, folder_tokenizers
 from library.models.families import FAMILIES, ModelFamily, family_for_ldm_keys, supported_labels
 from library.models.parts import ModelParts, sampling_scheduler, training_scheduler
 from library.models.paths import BUILTIN_PREFIX, CONFIG_ROOT, ModelLoadError
+from library.safe_load import UnreadableTensorFile, first_line, load_weights_only
 
 # Config files embedded as metadata in our single files, so they reload with the exact architecture.
 _CONFIG_FILES = {"unet": "config.json", "vae": "config.json", "scheduler": "scheduler_config.json"}
@@ -39,19 +39,14 @@ def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]
             with safe_open(str(path), framework="pt") as handle:
                 metadata = handle.metadata() or {}
             return load_file(str(path)), metadata
-        except Exception as exc:  # safetensors raises its own error types for corrupt headers
-            raise ModelLoadError(f"Cannot read {path} as safetensors ({exc}); the file may be incomplete or "
-                                 "corrupt.") from exc
+        except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types for corrupt files
+            raise ModelLoadError(f"Cannot read {path} as safetensors ({first_line(exc)}); the file may be "
+                                 "incomplete or corrupt.") from None
     try:
-        data = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
-    except Exception as exc:
-        if isinstance(exc, pickle.UnpicklingError) or "weights_only" in str(exc):
-            raise ModelLoadError(
-                f"{path} contains pickled Python objects besides tensors, and Kiln never unpickles those "
-                "(a pickle can run arbitrary code). Convert it to .safetensors with a tool you trust, or "
-                "download the model's .safetensors version, and point model.path at that."
-            ) from exc
-        raise ModelLoadError(f"Cannot read {path} as a PyTorch checkpoint: {exc}") from exc
+        data = load_weights_only(path, mmap=zipfile.is_zipfile(path))
+    except UnreadableTensorFile as err:
+        raise ModelLoadError(f"{err}. Convert it to .safetensors with a tool you trust, or use the model's "
+                             ".safetensors version, and point model.path at that.") from None
     while isinstance(data, dict) and isinstance(data.get("state_dict"), dict):
         data = data["state_dict"]
     if isinstance(data, dict) and "string_to_param" in data:

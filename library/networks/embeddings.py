@@ -18,6 +18,7 @@ from safetensors.torch import save_file
 
 from library.errors import UserError
 from library.atomic import write_atomically
+from library.safe_load import UnreadableTensorFile, load_weights_only
 from library.networks.embedding_names import name_problem, token_names, vocabulary_problem
 
 MAX_VECTORS = 75  # the 77-token window minus the start and end tokens
@@ -145,10 +146,10 @@ def load_embedding(path: str | Path) -> Embedding:
     suffix = path.suffix.lower()
     if suffix in (".pt", ".bin"):
         try:
-            data = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # noqa: BLE001 - pickles with arbitrary objects are refused, whatever the error
-            raise EmbeddingError(f"{path}: cannot be read as a weights-only torch file ({exc}); if it is an old "
-                                 "A1111 embedding, load it in A1111 once and save it again") from None
+            data = load_weights_only(path)
+        except UnreadableTensorFile as err:
+            raise EmbeddingError(f"{err}; if it is an old A1111 embedding, load it in A1111 once and save it "
+                                 "again, or use its .safetensors version") from None
         if isinstance(data, torch.Tensor):
             data = {path.stem: data}
         embedding = embedding_from_dict(data, path, path.stem)
@@ -238,9 +239,9 @@ def load_optimizer_state(embedding_path: Path, vectors: torch.Tensor, optimizer_
     if not path.is_file():
         return None, f"no optimizer state beside {embedding_path} ({path.name}): the optimizer starts fresh"
     try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001
-        return None, f"{path} cannot be read ({exc}): the optimizer starts fresh"
+        data = load_weights_only(path)
+    except UnreadableTensorFile as err:
+        return None, f"{err}: the optimizer starts fresh"
     expected = a1111_checksum(vectors)
     if data.get("hash") != expected:
         return None, (f"{path} was saved with other vectors (checksum {data.get('hash')} != {expected}), so it does "

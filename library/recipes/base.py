@@ -16,6 +16,7 @@ if TYPE_CHECKING:  # the heavy modules load only once the config is valid (fast 
     from library.models.parts import ModelParts
     from library.training.hooks import TrainerHooks
     from library.training.plan import TrainingPlan
+    from library.training.disk_space import SaveSizes
     from library.training.resolved import ResolvedRun
     from library.training.trainable import StartPoint, Trainable
 
@@ -63,6 +64,11 @@ class Recipe:
     def lr_settings(self, config: "RunConfig") -> list[str]:
         """The learning-rate keys in effect as `key = value` (named when the loss diverges)."""
         return [f"optimizer.lr = {config.optimizer.lr:g}"]
+
+    def save_sizes(self, config: "RunConfig", header: "ModelHeader") -> "SaveSizes | None":
+        """The estimated size of one saved artifact and one state, from the model's parameter counts (read
+        without loading it); None when they are unknown."""
+        return None
 
     def model_problems(self, config: "RunConfig", header: "ModelHeader") -> list[str]:
         """Problems of this trainer's files against the model's family and widths (read from its header, not

@@ -99,6 +99,18 @@ class DreamBoothRecipe(Recipe):
     def lr_settings(self, config: DreamBoothRunConfig) -> list[str]:
         return part_lr_settings("dreambooth", config.dreambooth, config.optimizer.lr, list(self.optimizer_lrs(config)))
 
+    def save_sizes(self, config: DreamBoothRunConfig, header):
+        from library.registry import canonical_optimizer_name
+        from library.training.disk_space import SAVE_BYTES, SaveSizes, state_bytes
+
+        sizes = header.sizes
+        if not sizes or "unet" not in sizes:
+            return None
+        trained = sizes["unet"].params + (sizes["text"].params if config.dreambooth.train_text_encoder else 0)
+        whole = sum(size.params for size in sizes.values())
+        return SaveSizes(whole * SAVE_BYTES[config.save.precision],
+                         state_bytes(trained, canonical_optimizer_name(config.optimizer.name)))
+
     def text_encoder_trained_by(self, config: DreamBoothRunConfig) -> str | None:
         return "dreambooth.train_text_encoder" if config.dreambooth.train_text_encoder else None
 

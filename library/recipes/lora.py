@@ -92,6 +92,20 @@ class LoraRecipe(Recipe):
     def lr_settings(self, config: LoraRunConfig) -> list[str]:
         return part_lr_settings("network", config.network, config.optimizer.lr, list(self.optimizer_lrs(config)))
 
+    def save_sizes(self, config: LoraRunConfig, header):
+        from library.registry import canonical_optimizer_name
+        from library.training.disk_space import SAVE_BYTES, SaveSizes, state_bytes
+
+        sizes, net = header.sizes, config.network
+        if not sizes or "unet" not in sizes:
+            return None
+        per_rank = sizes["unet"].adapter_io if net.train_unet else 0
+        per_rank += sizes["text"].adapter_io if net.train_text_encoder and "text" in sizes else 0
+        params = per_rank * net.rank + (sizes["unet"].conv_io * net.conv_rank if net.train_unet else 0)
+        params *= 2 if net.type == "loha" else 1  # two factor pairs per layer
+        return SaveSizes(params * SAVE_BYTES[config.save.precision],
+                         state_bytes(params, canonical_optimizer_name(config.optimizer.name)))
+
     def model_problems(self, config: LoraRunConfig, header) -> list[str]:
         from library.models.header import tensor_shapes
         from library.networks.compat import network_file_problem, read_network_metadata

@@ -156,6 +156,7 @@ def prepare(recipe: "Recipe", args: argparse.Namespace) -> tuple["ResolvedRun", 
     from library.config.loading import ConfigError, config_to_toml
     from library.config.origins import annotated_toml
     from library.data.errors import DatasetError
+    from library.recipes.disk_checks import disk_checks
     from library.recipes.resolve import resolve
 
     try:
@@ -179,6 +180,10 @@ def prepare(recipe: "Recipe", args: argparse.Namespace) -> tuple["ResolvedRun", 
     except (DatasetError, ValueError) as err:
         fail(str(err))
     print_summary(run, args.suggest_repeats)
+    disk_lines, disk_problems = disk_checks(run, recipe, header)
+    print("disk:\n" + "\n".join(f"  {line}" for line in disk_lines))
+    if disk_problems:
+        fail(str(ConfigError(args.config, disk_problems)))
     if args.check:
         print("config and dataset OK (--check: not training)")
         return None

@@ -156,6 +156,15 @@ class TextualInversionRecipe(Recipe):
             return [f"embedding.learn_rate = {config.embedding.learn_rate.strip()!r}"]
         return [f"optimizer.lr = {config.optimizer.lr:g}"]
 
+    def save_sizes(self, config: TIRunConfig, header):
+        from library.registry import canonical_optimizer_name
+        from library.training.disk_space import SaveSizes, state_bytes
+
+        params = config.embedding.vectors * sum(header.text_widths)
+        state = state_bytes(params, canonical_optimizer_name(config.optimizer.name))
+        optim = state if config.embedding.save_optimizer_state else 0  # the .optim beside each embedding
+        return SaveSizes(params * 4 + optim + 4096, state)
+
     def model_problems(self, config: TIRunConfig, header) -> list[str]:
         from library.networks.compat import embedding_problem
         from library.networks.embeddings import EmbeddingError, load_embedding

@@ -4,7 +4,6 @@ from __future__ import annotations
 import glob
 import json
 import os
-import pickle
 import re
 import shutil
 from dataclasses import asdict, dataclass
@@ -15,6 +14,7 @@ from safetensors.torch import load_file, save_file
 
 from library.atomic import write_atomically
 from library.faults import fault_point
+from library.safe_load import UnreadableTensorFile, first_line, load_weights_only
 
 
 @dataclass
@@ -76,8 +76,9 @@ def temporaries(output_dir: Path, name: str) -> list[Path]:
     `.<name>-state.tmp` and `.<folder>.tmp-<random>` folders, `.<folder>.old-<pid>` backups."""
     if not Path(output_dir).is_dir():
         return []
-    pattern = re.compile(rf"^\.{re.escape(name)}(-\d{{6}}|-step\d{{8}})?(-state)?(\.[A-Za-z0-9.]+)?"
-                         r"\.(tmp|[^/]*\.tmp|tmp-[^/]*|old-\d+)$")
+    # <name>[-<epoch>|-step<step>][-state][.suffixes] + .<8 random>.tmp | .tmp | .tmp-<random> | .old-<pid>
+    pattern = re.compile(rf"^\.{re.escape(name)}(-\d{{6}}|-step\d{{8}})?(-state)?(\.[A-Za-z0-9]+)*"
+                         r"\.([a-z0-9_]{8}\.tmp|tmp|tmp-[a-z0-9_]+|old-\d+)$")
     return sorted(p for p in Path(output_dir).iterdir() if pattern.match(p.name))
 
 
@@ -137,16 +138,10 @@ class LoadedState:
 
 
 def _safe_load(path: Path):
-    """torch.load(weights_only=True), with one line for a damaged file or one holding pickled code (never
-    PyTorch's advice to unpickle it)."""
     try:
-        return torch.load(path, weights_only=True)
-    except pickle.UnpicklingError:
-        raise ValueError(f"{path} holds pickled Python objects besides tensors; Kiln never unpickles such files "
-                         "(they can run code): resume from a state Kiln wrote") from None
-    except Exception as exc:  # noqa: BLE001 - torch raises many types for a cut-short or corrupt file
-        raise ValueError(f"{path} cannot be read ({str(exc).splitlines()[0]}); the file is damaged: resume from "
-                         "an earlier state") from None
+        return load_weights_only(path)
+    except UnreadableTensorFile as err:
+        raise ValueError(f"{err}: resume from another state Kiln wrote") from None
 
 
 def load_state(folder: Path) -> LoadedState:
@@ -164,7 +159,7 @@ def load_state(folder: Path) -> LoadedState:
     try:
         trainable = load_file(str(folder / "trainable.safetensors"))
     except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types for a cut-short file
-        raise ValueError(f"{folder / 'trainable.safetensors'} is damaged ({str(exc).splitlines()[0]}): resume "
+        raise ValueError(f"{folder / 'trainable.safetensors'} is damaged ({first_line(exc)}): resume "
                          "from an earlier state") from None
     scaler_path = folder / "scaler.pt"
     return LoadedState(progress=progress, extra=info, trainable=trainable,

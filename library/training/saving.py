@@ -84,33 +84,47 @@ class RunSaver:
             self.say(f"saved {path}")
 
     def final(self) -> Path:
-        """The final artifact (and a state when save.save_state), or the rescue folder."""
+        """The final artifact (and a state when save.save_state). When the output folder fails, the result and a
+        state go to a rescue folder and SaveFailed says where and how to continue: the run is not lost, but
+        its file is not where it was asked for either (a queue must not go on as if it were)."""
         path = final_file(self.output_dir, self.save.name, self.suffix)
-        return path if self.write(path, self.save.save_state) else self.rescue(path, with_state=True)
+        if self.write(path, self.save.save_state):
+            return path
+        reason = self._reason()
+        rescued = self.rescue(path)
+        raise SaveFailed(f"could not write {path} ({reason}); the result is in {rescued} and a state to resume "
+                         f"from in {state_dir_for(rescued)}. Free some space, then continue with: "
+                         f"{self.resume_command(state_dir_for(rescued))}")
 
     def interrupted(self, step: int) -> tuple[Path, Path]:
-        """The artifact and state of an interrupted run; (artifact, state folder)."""
+        """The artifact and state of an interrupted run; (artifact, state folder), in a rescue folder when the
+        output folder fails."""
         path = step_file(self.output_dir, self.save.name, step, self.suffix)
         if not self.write(path, with_state=True):
-            path = self.rescue(path, with_state=True)
+            reason = self._reason()
+            path = self.rescue(path)
+            self.say(f"could not write to {self.output_dir} ({reason}): saved to {path.parent} instead")
         return path, state_dir_for(path)
 
-    def rescue(self, wanted: Path, with_state: bool) -> Path:
-        """Write the result elsewhere when the output folder failed; SaveFailed (one line) when nothing works."""
-        reason = f"{self.failed.strerror or self.failed} (errno {self.failed.errno})" if self.failed else "failed"
+    def _reason(self) -> str:
+        return f"{self.failed.strerror or self.failed} (errno {self.failed.errno})" if self.failed else "failed"
+
+    def rescue(self, wanted: Path) -> Path:
+        """Write the result and its state in a rescue folder; SaveFailed (one line) when none can take them."""
+        reason = self._reason()
         for folder in rescue_folders(self.save.name):
             try:
                 folder.mkdir(parents=True, exist_ok=True)
                 path = folder / wanted.name
                 with self.stops.saving_files():
-                    self.write_files(path, with_state)
+                    self.write_files(path, True)
             except OSError:
                 continue
-            self.say(f"could not write {wanted} ({reason}); the result and a state to resume from are in {folder}")
             return path
-        raise SaveFailed(f"could not write {wanted} ({reason}), nor a rescue copy in {', '.join(str(f.parent) for f in rescue_folders(self.save.name))}: "
-                         "free some disk space; the last good save is "
-                         f"{self.last_good or 'none (nothing was saved)'}")
+        tried = ", ".join(str(folder.parent) for folder in rescue_folders(self.save.name))
+        last = self.last_good or "none (nothing was saved)"
+        raise SaveFailed(f"could not write {wanted} ({reason}), nor a rescue copy in {tried}: free some disk space; "
+                         f"the last good save is {last}")
 
     def resume_command(self, state: Path) -> str:
         """The command that continues from `state`: the original one, with save.resume set."""

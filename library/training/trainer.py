@@ -18,6 +18,7 @@ from library.data.sources import ConditioningSource, LatentSource
 from library.models.attention import select_attention
 from library.models.parts import ModelParts
 from library.errors import UserError
+from library.faults import fault_point
 from library.training.checkpoints import Progress, load_state, save_state, state_dir_for
 from library.training.divergence import NanGuard
 from library.training.hooks import TrainerHooks
@@ -29,7 +30,7 @@ from library.registry import canonical_optimizer_name
 from library.training.optimizers import build_optimizer, uses_relative_step
 from library.training.resolved import ResolvedRun
 from library.training.run_summary import summary_path, write_run_summary
-from library.training.saving import RunSaver
+from library.training.saving import RunSaver, SaveFailed
 from library.training.schedules import A1111Schedule, a1111_lambda_scheduler, build_scheduler, current_lrs
 from library.training.trainable import StartPoint, Trainable
 
@@ -239,9 +240,12 @@ class Trainer:
     def _summary(self, status: str, log: RunLog, **fields) -> None:
         """<output_dir>/<name>.run.json, for scripts and the run queue (library/training/run_summary.py)."""
         average = log.average.value if log.average.values else None
-        write_run_summary(summary_path(self.output_dir, self.config.save.name), status,
-                          step=self.progress.global_step, total_steps=self.plan.total_steps, final_loss=average,
-                          last_loss=log.last_loss, tensorboard=str(log.dir), **fields)
+        try:
+            write_run_summary(summary_path(self.output_dir, self.config.save.name), status,
+                              step=self.progress.global_step, total_steps=self.plan.total_steps,
+                              final_loss=average, last_loss=log.last_loss, tensorboard=str(log.dir), **fields)
+        except OSError as err:  # the summary is for scripts; a full disk must not hide what happened to the run
+            self._say(f"could not write the run summary {err.filename}: {err.strerror or err}")
 
     # ---------------------------------------------------------------- the loop
     def _check_clip_skip(self) -> None:
@@ -275,7 +279,11 @@ class Trainer:
             if self.stops.requested and self.progress.global_step < self.plan.total_steps:
                 self._stopped(log)
             log.close()
-            final = self.saver.final()
+            try:
+                final = self.saver.final()
+            except SaveFailed as err:  # the result is in a rescue folder, or nowhere: the summary says which
+                self._summary("failed", log, error=str(err))
+                raise
             self.hooks.after_train(self, loop, final)
         self._summary("finished", log, output=str(final))
         print(f"saved {final}\nTensorBoard logs: {log.dir}")
@@ -329,6 +337,8 @@ class Trainer:
             torch.manual_seed(step_seed)  # dropout inside the network draws from the global RNG
             batch = self.data.batch(epoch, batches[index])
             loss = self._loss(loop, batch, epoch, step_seed)
+            if fault_point("loss") == "nan":  # the reliability tests' NaN (library/faults.py)
+                loss = loss * float("nan")
             if math.isfinite(loss.item()):
                 loop.accelerator.backward(loss / group_size)
                 self.trainable.after_backward()
@@ -350,6 +360,7 @@ class Trainer:
             self.hooks.after_step(self, loop, group_loss, lrs, batch)
             group_loss, group_skipped = 0.0, 0
             self.saver.due(self.progress, self.plan.total_steps, epoch_done=False)
+            fault_point("step")
             if self.progress.global_step >= self.plan.total_steps or self.stops.requested:
                 break
         return epoch_losses

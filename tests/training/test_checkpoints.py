@@ -67,3 +67,18 @@ def test_existing_outputs_finds_this_names_files_only(tmp_path):
     (tmp_path / "t2.safetensors").write_bytes(b"")
     (tmp_path / "other-000001.safetensors").write_bytes(b"")
     assert existing_outputs(tmp_path, "t") == sorted(mine + [state_dir_for(mine[0])])
+
+
+def test_temporaries_are_those_of_this_run_name_only(tmp_path):
+    from library.training.checkpoints import remove_temporaries, temporaries
+
+    ours = [".t.safetensors.ab_c12x9.tmp", ".t-step00000002.safetensors.k3j_2abc.tmp", ".t-step00000002-state.tmp",
+            ".t-step00000002-state.old-1234", ".t.run.json.abcd_123.tmp", ".t.pt.optim.abcdefgh.tmp",
+            ".t.tmp-abc_123", ".t.old-99", ".t-000002.safetensors.zzzzzzzz.tmp"]
+    others = [".t-2.safetensors.abcdefgh.tmp", ".tx.safetensors.abcdefgh.tmp", ".t-step00000002.safetensors",
+              "t.safetensors.abcdefgh.tmp", ".t-2-state.tmp", "t.safetensors"]
+    for name in ours + others:
+        (tmp_path / name).write_text("")
+    assert sorted(p.name for p in temporaries(tmp_path, "t")) == sorted(ours)
+    remove_temporaries(tmp_path, "t")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(others)
