@@ -4,8 +4,6 @@ with one line naming the file and what is wrong: never a traceback, never advice
 pickle's code run."""
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 
 import pytest

@@ -60,8 +60,6 @@ def test_disk_too_small_for_the_planned_saves_is_refused(tmp_path, capsys):
 
 def test_free_space_estimate_matches_the_files_written(tmp_path, capsys):
     """The estimate --check prints is within a factor of two of what the run writes."""
-    from library.training.disk_space import human  # noqa: F401 - the unit the line uses
-
     config = lora_run(tmp_path)
     assert exit_code(train_lora.main, [str(config), "--check"]) == 0
     line = next(l for l in capsys.readouterr().out.splitlines() if "save.output_dir: about" in l)
