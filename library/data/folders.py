@@ -99,7 +99,8 @@ class DatasetScan:
             lines.append(f"{_count(len(self.bad_images), 'image')} cannot be read:")
             lines.extend(_limited([f"  {path}: {reason}" for path, reason in self.bad_images]))
         if self.bad_captions:
-            lines.append(f"{_count(len(self.bad_captions), 'image')} left out because the caption cannot be read:")
+            own = "its" if len(self.bad_captions) == 1 else "their"
+            lines.append(f"{_count(len(self.bad_captions), 'image')} left out because {own} caption cannot be read:")
             lines.extend(_limited([f"  {path}: {reason}" for path, reason in self.bad_captions]))
         lines.extend(f"note: {note}" for note in self.notes)
         return lines

@@ -131,7 +131,7 @@ def test_skip_bad_images_also_skips_images_whose_caption_cannot_be_read(tmp_path
     assert run(train_lora.main, [str(path), "dataset.skip_bad_images=true"]) == 0
     out = capsys.readouterr().out
     assert "1 unreadable image left out" in out
-    assert "1 image left out because the caption cannot be read:" in out and f"{latin}: not valid UTF-8" in out
+    assert "1 image left out because its caption cannot be read:" in out and f"{latin}: not valid UTF-8" in out
     with safe_open(str(tmp_path / "out" / "scan.safetensors"), "pt") as f:
         assert f.metadata()["ss_num_train_images"] == "50"  # 5 of the 6 images x 10 repeats
 
