@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
 def _main(argv: list[str] | None) -> int:
     args = parse_args(argv)
     # imported once the arguments parse: --help answers without loading torch
-    from library.data.buckets import assign_buckets, square_assignment
+    from library.data.buckets import assign_buckets, square_assignment, upscale_warning
     from library.data.folders import balance_reg_items
     from library.data.latent_cache import DiskLatentCache, LatentEntry
     from library.recipes.checks import environment_problems
@@ -62,7 +62,7 @@ def _main(argv: list[str] | None) -> int:
         buckets = assign_buckets(items, bucket_settings(ds))
     else:
         buckets = square_assignment(items, ds.resolution)
-    print("\n".join(scan.summary_lines() + buckets.table_lines(items)))
+    print("\n".join(scan.summary_lines() + buckets.table_lines(items) + upscale_warning(items, buckets)))
     if args.no_cache:
         return 0
     if ds.random_crop:

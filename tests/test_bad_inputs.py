@@ -55,6 +55,12 @@ def place(tmp_path_factory) -> Path:
     (root / "notutf8" / "3_cat" / "a.txt").write_bytes(b"caf\xe9 pot")
     (root / "broken" / "3_cat").mkdir(parents=True)
     (root / "broken" / "3_cat" / "a.png").write_bytes(b"not an image")
+    (root / "mixed" / "abc").mkdir(parents=True)  # one problem of each kind, reported together
+    (root / "mixed" / "3_cat").mkdir()
+    (root / "mixed" / "2_empty").mkdir()
+    Image.new("RGB", (64, 64)).save(root / "mixed" / "3_cat" / "a.png")
+    (root / "mixed" / "3_cat" / "a.txt").write_bytes(b"caf\xe9 pot")
+    (root / "mixed" / "3_cat" / "b.png").write_bytes(b"not an image")
     (root / "afile").write_text("x")
     (root / "notoml.toml").write_text("[model\npath = ")
     (root / "latin1.toml").write_bytes("# caf\xe9\n".encode("latin-1"))
@@ -105,6 +111,13 @@ LORA_CASES = [
      "no training images found"),
     ("caption not utf-8", lambda p: [config(p), f"dataset.train_dir={p / 'notutf8'}", "--check"], "not valid UTF-8"),
     ("unreadable image", lambda p: [config(p), f"dataset.train_dir={p / 'broken'}", "--check"], "cannot be read"),
+    ("mixed dataset problems", lambda p: [config(p), f"dataset.train_dir={p / 'mixed'}", "--check"],
+     "dataset: 3 problems"),
+    ("caption not utf-8, images skipped", lambda p: [config(p), f"dataset.train_dir={p / 'notutf8'}",
+                                                     "dataset.skip_bad_images=true", "--check"], "no training image"),
+    ("lr is a boolean", lambda p: [config(p, "[optimizer]\nlr = true\n"), "--check"],
+     "'optimizer.lr' = true: expected a number, got a boolean"),
+    ("lr is a quoted number", lambda p: [config(p), 'optimizer.lr="1e-4"', "--check"], "without quotes: 0.0001"),
     ("model file missing", lambda p: [config(p), "model.path=nowhere.safetensors", "--check"], "model.path"),
     ("model wrong type", lambda p: [config(p), f"model.path={p / 'model.bin.txt'}", "--check"], "unsupported type"),
     ("model is a lora", lambda p: [config(p), f"model.path={p / 'lora_like.safetensors'}", "--check"],
@@ -155,10 +168,15 @@ TI_CASES = [
     ("resume sd2 width", lambda p: [config(p, TI + 'resume = "{place}/sd2_embedding.safetensors"\n'), "--check"],
      "1024-wide vectors"),
     ("reg images", lambda p: [config(p, TI), f"dataset.reg_dir={p / 'train'}", "--check"], "no regularisation"),
+    ("mixed dataset problems", lambda p: [config(p, TI), f"dataset.train_dir={p / 'mixed'}", "--check"],
+     "captions that cannot be read (1)"),
+    ("vectors is a boolean", lambda p: [config(p, TI + "vectors = true\n"), "--check"], "'embedding.vectors'"),
 ]
 DREAMBOOTH_CASES = [
     ("class dir name", lambda p: [config(p, '[dreambooth]\nclass_dir = "{place}/classes"\n'), "--check"],
      "name the folder NN_name"),
+    ("mixed dataset problems", lambda p: [config(p, '[dreambooth]\n'), f"dataset.train_dir={p / 'mixed'}",
+                                          "--check"], "images that cannot be read (1)"),
     ("class images without prompt", lambda p: [config(p, '[dreambooth]\nclass_dir = "{place}/1_pot"\n'
                                                          "num_class_images = 2\n"), "--check"], "class_prompt"),
     ("diffusers name with a dot", lambda p: [config(p, '[dreambooth]\nsave_format = "diffusers"\n'),
@@ -167,6 +185,8 @@ DREAMBOOTH_CASES = [
 TOOL_CASES = [
     (prepare_buckets.main, "prepare: no dataset", lambda p: [config(p), "dataset.train_dir=nowhere", "--no-cache"],
      "dataset.train_dir"),
+    (prepare_buckets.main, "prepare: mixed dataset problems", lambda p: [config(p), f"dataset.train_dir={p / 'mixed'}",
+                                                                         "--no-cache"], "folder names (1)"),
     (compare.main, "compare: axis kind", lambda p: ["--model", "builtin:tiny-sd15", "--prompt", "x",
                                                     "--x", "colour", "1,2"], "unknown axis kind"),
     (compare.main, "compare: no such lora", lambda p: ["--model", "builtin:tiny-sd15", "--prompt", "x",

@@ -8,6 +8,7 @@ that run on the raw data beside the schema, so one run reports every kind of pro
 from __future__ import annotations
 
 import difflib
+import json
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -132,16 +133,88 @@ def _format_error(error: dict, model: type[BaseModel], raw: RawConfig) -> list[s
     return [line for line in _error_text(error, model, raw).split("\n") if line]
 
 
+# what a strict type error expected, by pydantic error type; and what was given, by Python type of the TOML value
+_EXPECTED = {"float_type": "a number", "int_type": "a whole number", "bool_type": "true or false",
+             "string_type": "a string (in quotes)", "list_type": "a list", "dict_type": "a table",
+             "model_type": "a table", "model_attributes_type": "a table"}
+_GIVEN = ((bool, "a boolean"), (int, "an integer"), (float, "a float"), (str, "a string"),
+          (list, "a list"), (dict, "a table"))
+# pydantic adds the union member's name to the location of errors in unions; dropped from the key shown
+_UNION_MEMBERS = {"bool", "literal['auto']", "int", "float", "str", "list[str]"}
+
+
+def _toml_text(value: Any) -> str:
+    """`value` as it is written in TOML, on one line (true, "1e-4", [1, 2], {a = 1})."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False)  # a TOML basic string for everything a config holds
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_text(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k} = {_toml_text(v)}" for k, v in value.items()) + "}"
+    return str(value)
+
+
+def _type_hint(expected_type: str, value: Any) -> str:
+    """How to write `value` so it is read as the expected type, when that is clear."""
+    if isinstance(value, str) and expected_type in ("float_type", "int_type", "bool_type"):
+        if expected_type == "bool_type" and value.strip().lower() in ("true", "false"):
+            return f"; write {value.strip().lower()}, without quotes"
+        try:
+            number = float(value)
+        except ValueError:
+            return ""
+        if expected_type != "bool_type":
+            return f"; write it as a number, without quotes: {_toml_text(number)}"
+    if isinstance(value, float) and expected_type == "int_type" and value.is_integer():
+        return f"; write {int(value)}"
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and expected_type == "string_type":
+        return f"; write it in quotes: \"{value}\""
+    return ""
+
+
+def _key_of(error: dict) -> tuple:
+    return tuple(p for p in error["loc"] if not (isinstance(p, str) and p in _UNION_MEMBERS))
+
+
+def _merge_union_errors(errors: list[dict]) -> list[dict]:
+    """A value that fits no member of a union gets one error per member from pydantic; they become one error
+    ("expected "auto" or true or false, got a string")."""
+    merged: list[dict] = []
+    for error in errors:
+        expected = _EXPECTED.get(error["type"])
+        if error["type"] == "literal_error":
+            expected = error.get("ctx", {}).get("expected", "").replace("'", '"')
+        previous = merged[-1] if merged else None
+        if expected and previous and previous.get("expected") and _key_of(previous) == _key_of(error):
+            merged[-1] = {**previous, "type": "union", "expected": f"{previous['expected']} or {expected}"}
+        else:
+            merged.append({**error, "expected": expected} if expected else error)
+    return merged
+
+
+def _type_error_text(error: dict) -> str | None:
+    """"expected a number, got a boolean" for a value of the wrong TOML type (the schema is strict: nothing is
+    converted), or None for other errors."""
+    expected = error["expected"] if error["type"] == "union" else _EXPECTED.get(error["type"])
+    if expected is None:
+        return None
+    value = error.get("input")
+    given = next((name for kind, name in _GIVEN if isinstance(value, kind)), type(value).__name__)
+    return f"expected {expected}, got {given}{_type_hint(error['type'], value)}"
+
+
 def _error_text(error: dict, model: type[BaseModel], raw: RawConfig) -> str:
-    loc = tuple(error["loc"])
-    # pydantic adds the union member name to the location of some errors; drop it
-    loc = tuple(p for p in loc if not (isinstance(p, str) and p in {"bool", "literal['auto']", "int", "float"}))
+    loc = _key_of(error)
     dotted = ".".join(str(p) for p in loc) or "(top level)"
     where = (raw.origin(loc) if loc else None) or raw.source
     if error["type"] == "extra_forbidden":
         return f"{where}: unknown key '{dotted}'{_suggest(model, loc)}"
     if error["type"] == "missing":
         return f"{where}: '{dotted}' is required"
+    if loc and (wrong_type := _type_error_text(error)):
+        return f"{where}: '{dotted}' = {_toml_text(error.get('input'))}: {wrong_type}"
     message = error["msg"].removeprefix("Value error, ")
     if loc and error["type"] != "value_error":
         return f"{where}: '{dotted}' = {error.get('input')!r}: {message}"
@@ -162,7 +235,7 @@ def validate_raw(raw: RawConfig, model: type[RunConfig], environment: Environmen
         wrong_trainer = [e for e in errors if tuple(e["loc"]) == ("trainer",)]
         if wrong_trainer:  # every other problem would only follow from running the wrong script
             raise ConfigError(raw.source, _format_error(wrong_trainer[0], model, raw)) from None
-        problems = [line for e in errors for line in _format_error(e, model, raw)] + problems
+        problems = [line for e in _merge_union_errors(errors) for line in _format_error(e, model, raw)] + problems
     if problems:
         raise ConfigError(raw.source, problems)
     return config

@@ -14,7 +14,9 @@ from library.config.trainers import TRAINER_SCRIPTS, wrong_trainer_message
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # strict: TOML has real types, so `lr = true` or `lr = "1e-4"` is a mistake, never read as 1.0 or 0.0001
+    # (ints are still taken where a float is expected: `lr = 1` is fine)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, strict=True)
 
 
 class ModelSection(Section):

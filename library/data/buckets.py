@@ -172,6 +172,32 @@ class BucketAssignment:
         return lines
 
 
+UPSCALE_LIMIT = 2.0  # images enlarged more than this to reach their training size are listed
+_UPSCALE_LIST = 10
+
+
+def upscale_warning(items: list[ImageItem], assignment: BucketAssignment, limit: float = UPSCALE_LIMIT
+                    ) -> list[str]:
+    """Lines listing the images enlarged more than `limit` times to cover their training size (smaller than
+    1/limit of it on a side), largest factor first: a warning, not an error — small images train, but blurry."""
+    upscaled = []
+    for item, (w, h), (bw, bh) in zip(items, assignment.image_sizes, assignment.sizes):
+        factor = max(bw / w, bh / h)  # resize_and_crop scales by this to cover the training size
+        if factor > limit:
+            upscaled.append((factor, item.path, (w, h), (bw, bh)))
+    if not upscaled:
+        return []
+    upscaled.sort(key=lambda found: (-found[0], str(found[1])))
+    noun, own = ("image is", "its") if len(upscaled) == 1 else ("images are", "their")
+    lines = [f"warning: {len(upscaled)} {noun} upscaled more than {limit:g}x to {own} training size (upscaled "
+             "images train blurry; use larger images, or a lower dataset.resolution):"]
+    lines += [f"  {path} {w}x{h} -> {bw}x{bh} ({factor:.3g}x)" for factor, path, (w, h), (bw, bh) in
+              upscaled[:_UPSCALE_LIST]]
+    if len(upscaled) > _UPSCALE_LIST:
+        lines.append(f"  ... and {len(upscaled) - _UPSCALE_LIST} more")
+    return lines
+
+
 def assign_buckets(items: list[ImageItem], settings: BucketSettings, workers: int | None = None) -> BucketAssignment:
     """Read every item's size (headers only) and give it a bucket."""
     buckets = bucket_resolutions(settings.resolution, settings.min_reso, settings.max_reso, settings.step)

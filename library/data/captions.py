@@ -16,24 +16,43 @@ CLASS_TOKENS = "their folder's class tokens"
 FILE_NAME = "their file name as [filewords] (as A1111 does: leading numbers and hyphens dropped)"
 
 
-def _decode_caption(path: Path, data: bytes) -> str:
-    """Decode caption bytes the same way on every OS: UTF-8 (BOM allowed), or UTF-16 when it carries a BOM."""
+def _decode_caption(data: bytes) -> str:
+    """Decode caption bytes the same way on every OS: UTF-8 (BOM allowed), or UTF-16 when it carries a BOM.
+    Raises ValueError with the reason and the fix."""
     if data.startswith((b"\xff\xfe", b"\xfe\xff")):
-        return data.decode("utf-16")  # Windows Notepad's "Unicode" encoding
+        try:
+            return data.decode("utf-16")  # Windows Notepad's "Unicode" encoding
+        except UnicodeDecodeError:
+            raise ValueError("starts with a UTF-16 byte-order mark but is not valid UTF-16; re-save it as "
+                             "UTF-8") from None
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
-        raise DatasetError(
-            f"caption {path} is not valid UTF-8 (byte 0x{data[exc.start]:02x} at position {exc.start}); "
+        raise ValueError(
+            f"not valid UTF-8 (byte 0x{data[exc.start]:02x} at position {exc.start}); "
             "re-save it as UTF-8 (e.g. Notepad: Save As -> Encoding: UTF-8)"
         ) from None
 
 
-def read_caption(path: Path) -> str:
-    """Caption text of `path`: decoded, lines stripped and joined with ", " (empty lines dropped)."""
-    text = _decode_caption(path, path.read_bytes())
+def caption_or_problem(path: Path) -> tuple[str, str | None]:
+    """(caption text, None), or ("", why it cannot be read and what to do) for an unreadable or undecodable
+    file. The text: lines stripped and joined with ", " (empty lines dropped)."""
+    try:
+        text = _decode_caption(Path(path).read_bytes())
+    except OSError as exc:
+        return "", f"cannot be read ({exc.strerror or exc}); check that the file is readable"
+    except ValueError as exc:
+        return "", str(exc)
     lines = [line.strip() for line in text.splitlines()]
-    return ", ".join(line for line in lines if line)
+    return ", ".join(line for line in lines if line), None
+
+
+def read_caption(path: Path) -> str:
+    """Caption text of `path` (see caption_or_problem); DatasetError naming the file when it cannot be read."""
+    text, problem = caption_or_problem(path)
+    if problem is not None:
+        raise DatasetError(f"caption {path}: {problem}")
+    return text
 
 
 @dataclass(frozen=True)

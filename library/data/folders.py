@@ -8,20 +8,18 @@ from __future__ import annotations
 
 import os
 import re
-from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from library.data.captions import CLASS_TOKENS, COMMON_CAPTION_EXTENSIONS, read_caption
-from library.data.errors import DatasetError
-from library.data.images import IMAGE_EXTENSIONS, image_problem
+from library.data.captions import CLASS_TOKENS, caption_or_problem
+from library.data.errors import DatasetError, DatasetProblem
+from library.data.images import image_problem
+from library.data.listing import (FolderListing, count as _count, empty_problems, find_caption, folder_notes,
+                                  is_image, list_folder)
 
-# Image formats we do not read, named in notes so they are never skipped silently.
-_UNSUPPORTED_IMAGE_EXTENSIONS = (".gif", ".tif", ".tiff", ".avif", ".heic", ".heif", ".jxl", ".psd", ".svg")
 _LIST_LIMIT = 10
 _FOLDER_NAME = re.compile(r"^(\d+)_(.*)$", re.DOTALL)
-
 
 
 @dataclass(frozen=True)
@@ -51,6 +49,8 @@ class DatasetScan:
     bad_images: list[tuple[Path, str]]  # (path, reason)
     notes: list[str] = field(default_factory=list)  # hints: caption-extension mismatch, skipped files, ...
     captionless: str = CLASS_TOKENS  # what an image without a caption trains with (see scan_subsets)
+    bad_captions: list[tuple[Path, str]] = field(default_factory=list)  # (caption file, reason); image left out
+    problems: list[DatasetProblem] = field(default_factory=list)  # missing folders, bad repeats, no images
 
     @property
     def train_items(self) -> list[ImageItem]:
@@ -67,13 +67,19 @@ class DatasetScan:
     def num_reg_samples(self) -> int:
         return sum(item.repeats for item in self.reg_items)
 
+    def unreadable(self) -> list[DatasetProblem]:
+        """Captions and images that cannot be read, each with its path and reason (skip_bad_images skips them)."""
+        return ([DatasetProblem("caption", f"{path}: {reason}") for path, reason in self.bad_captions]
+                + [DatasetProblem("image", f"{path}: {reason}") for path, reason in self.bad_images])
+
     def summary_lines(self) -> list[str]:
         """Human-readable report: per folder counts and samples, totals, missing captions, bad images, notes."""
         lines = []
         for index, subset in enumerate(self.subsets):
             items = [item for item in self.items if item.subset_index == index]
             found = sum(item.caption_from_file for item in items)
-            bad = sum(path.parent == subset.image_dir for path, _ in self.bad_images)
+            bad = len({path.parent / path.stem for path, _ in self.bad_images + self.bad_captions
+                       if path.parent == subset.image_dir})
             kind = "reg  " if subset.is_reg else "train"
             bad_text = f", {_count(bad, 'unreadable image')} left out" if bad else ""
             lines.append(
@@ -92,12 +98,12 @@ class DatasetScan:
         if self.bad_images:
             lines.append(f"{_count(len(self.bad_images), 'image')} cannot be read:")
             lines.extend(_limited([f"  {path}: {reason}" for path, reason in self.bad_images]))
+        if self.bad_captions:
+            own = "its" if len(self.bad_captions) == 1 else "their"
+            lines.append(f"{_count(len(self.bad_captions), 'image')} left out because {own} caption cannot be read:")
+            lines.extend(_limited([f"  {path}: {reason}" for path, reason in self.bad_captions]))
         lines.extend(f"note: {note}" for note in self.notes)
         return lines
-
-
-def _count(n: int, noun: str) -> str:
-    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
 def _limited(lines: list[str], limit: int = _LIST_LIMIT) -> list[str]:
@@ -136,135 +142,73 @@ def _suggest_folder_name(name: str) -> str:
     return f"10_{name}"
 
 
-def _is_image(path: Path) -> bool:
-    return path.suffix.lower() in IMAGE_EXTENSIONS
+def _name_problem(folder: Path) -> DatasetProblem:
+    suggestion = folder.parent / _suggest_folder_name(folder.name)
+    what = ("has 0 repeats, so it would never train" if re.match(r"^0+_", folder.name)
+            else "has no repeat count")
+    return DatasetProblem("name", f'{folder} {what}: rename it to "{suggestion}"')
 
 
-def subsets_from_folder(root: Path, is_reg: bool = False, caption_extension: str = ".txt") -> list[Subset]:
-    """Subsets from the direct `NN_name` subfolders of `root` (hidden folders ignored).
+@dataclass
+class FoundSubsets:
+    """What a train_dir or reg_dir holds: its NN_name folders, the problems of its layout, and its misnamed
+    folders as provisional subsets (1 repeat), so one scan also checks the images and captions inside them."""
 
-    Raises one DatasetError listing every problem: `root` missing, subfolders without a repeat-count prefix
-    (with the name they should have), images placed directly in `root`, or no subfolders at all.
-    """
+    subsets: list[Subset]
+    problems: list[DatasetProblem]
+    misnamed: list[Subset]
+
+
+def find_subsets(root: Path, is_reg: bool = False, caption_extension: str = ".txt") -> FoundSubsets:
+    """The direct `NN_name` subfolders of `root` (hidden folders ignored), and every problem of the layout:
+    `root` missing, subfolders without a repeat-count prefix (with the name they should have), images placed
+    directly in `root`, or no subfolders at all."""
     root = Path(root)
     role = "reg_dir" if is_reg else "train_dir"
     if not root.exists():
-        raise DatasetError(f"{role} {root} does not exist; check the path in your config")
+        return FoundSubsets([], [DatasetProblem("location", f"{role} {root} does not exist; check the path in "
+                                                            "your config")], [])
     if not root.is_dir():
-        raise DatasetError(
-            f"{role} {root} is a file, not a folder; point {role} at the folder that holds NN_name/ folders"
-        )
+        return FoundSubsets([], [DatasetProblem("location", f"{role} {root} is a file, not a folder; point {role} "
+                                                            "at the folder that holds NN_name/ folders")], [])
     entries = sorted(root.iterdir(), key=lambda p: p.name)
-    problems: list[str] = []
-    subsets: list[Subset] = []
+    found = FoundSubsets([], [], [])
     for entry in entries:
         if entry.name.startswith(".") or not entry.is_dir():
             continue
         parsed = parse_folder_name(entry.name)
         if parsed is None:
-            suggestion = root / _suggest_folder_name(entry.name)
-            problems.append(
-                f'folder "{entry}" has no repeat count: rename it to "{suggestion}" '
-                "(NN_name: NN = repeats per epoch, name = class tokens)"
-            )
+            found.problems.append(_name_problem(entry))
+            found.misnamed.append(Subset(entry, 1, entry.name, is_reg, caption_extension))
             continue
         repeats, tokens = parsed
-        subsets.append(Subset(entry, repeats, tokens, is_reg, caption_extension))
-    loose = [entry for entry in entries if entry.is_file() and _is_image(entry)]
+        found.subsets.append(Subset(entry, repeats, tokens, is_reg, caption_extension))
+    loose = [entry for entry in entries if entry.is_file() and is_image(entry)]
     if loose:
         example = root / "10_my concept"
-        problems.append(
+        found.problems.append(DatasetProblem("location",
             f"{_count(len(loose), 'image')} directly in {role} {root} (e.g. {loose[0].name}); images must be in "
             f'subfolders named NN_name, e.g. move them to "{example}" to train them 10 times per epoch '
             'with class tokens "my concept"'
-        )
-    if not subsets and not problems:
-        problems.append(
+        ))
+    if not found.subsets and not found.problems:
+        found.problems.append(DatasetProblem("location",
             f"{role} {root} has no NN_name subfolders; put your images in a folder such as "
             f'"{root / "10_my concept"}" (10 repeats per epoch, class tokens "my concept")'
-        )
-    if problems:
-        raise DatasetError(problems)
-    return subsets
+        ))
+    return found
+
+
+def subsets_from_folder(root: Path, is_reg: bool = False, caption_extension: str = ".txt") -> list[Subset]:
+    """find_subsets' subsets; one DatasetError listing every problem of the layout."""
+    found = find_subsets(root, is_reg, caption_extension)
+    if found.problems:
+        raise DatasetError(found.problems, [Path(root)])
+    return found.subsets
 
 
 def _normalise_extension(ext: str) -> str:
     return ext if ext.startswith(".") else "." + ext
-
-
-@dataclass
-class _FolderListing:
-    images: list[Path]
-    by_lower_name: dict[str, Path]
-    other_suffixes: Counter
-    subfolders: list[Path]
-
-
-def _list_folder(folder: Path) -> _FolderListing:
-    images, by_lower, other, subfolders = [], {}, Counter(), []
-    for entry in sorted(folder.iterdir(), key=lambda p: p.name):
-        if entry.name.startswith("."):
-            continue
-        if entry.is_dir():
-            subfolders.append(entry)
-        elif _is_image(entry):
-            images.append(entry)
-        else:
-            by_lower[entry.name.lower()] = entry
-            other[entry.suffix.lower() or "(no extension)"] += 1
-    return _FolderListing(images, by_lower, other, subfolders)
-
-
-def _find_caption(image: Path, ext: str, listing: _FolderListing) -> Path | None:
-    exact = image.with_suffix(ext)
-    if exact.is_file():
-        return exact
-    # Tolerate "IMG.TXT" beside "IMG.png" (case-insensitive file systems make such datasets common).
-    return listing.by_lower_name.get(exact.name.lower())
-
-
-def _found_text(listing: _FolderListing) -> str:
-    parts = [f"{count} '{suffix}' files" for suffix, count in sorted(listing.other_suffixes.items())]
-    if listing.subfolders:
-        names = ", ".join(p.name for p in listing.subfolders[:5])
-        parts.append(f"subfolders ({names}) which are not searched")
-    return ", ".join(parts) if parts else "nothing"
-
-
-def _folder_notes(subset: Subset, listing: _FolderListing, ext: str, missing: list[Path], captionless: str
-                  ) -> list[str]:
-    notes = []
-    if not listing.images:
-        notes.append(f"{subset.image_dir}: no images in this folder (supported: {' '.join(IMAGE_EXTENSIONS)})")
-    if missing:
-        for other_ext in COMMON_CAPTION_EXTENSIONS:
-            if other_ext == ext:
-                continue
-            matches = sum(p.with_suffix(other_ext).name.lower() in listing.by_lower_name for p in missing)
-            if matches:
-                notes.append(
-                    f"{subset.image_dir}: {_count(matches, 'image')} without a '{ext}' caption have a "
-                    f"'{other_ext}' file beside them; if those are your captions, "
-                    f'set caption_extension = "{other_ext}"'
-                )
-        if not subset.class_tokens and captionless == CLASS_TOKENS:
-            notes.append(
-                f"{subset.image_dir}: the folder name gives no class tokens, so {len(missing)} images without "
-                "a caption train with an empty caption"
-            )
-    skipped = {s: n for s, n in listing.other_suffixes.items() if s in _UNSUPPORTED_IMAGE_EXTENSIONS}
-    if skipped:
-        kinds = ", ".join(f"{n} '{s}'" for s, n in sorted(skipped.items()))
-        notes.append(f"{subset.image_dir}: skipped {kinds} files (supported: {' '.join(IMAGE_EXTENSIONS)})")
-    if listing.subfolders:
-        names = ", ".join(p.name for p in listing.subfolders[:5])
-        notes.append(f"{subset.image_dir}: subfolders are not searched ({names})")
-    stems = Counter(p.stem.lower() for p in listing.images)
-    shared = sorted(stem for stem, n in stems.items() if n > 1)
-    if shared:
-        notes.append(f"{subset.image_dir}: images with the same name but different extensions share one caption "
-                     f"file ({', '.join(shared[:5])})")
-    return notes
 
 
 def _check_images(paths: list[Path], workers: int | None) -> list[str | None]:
@@ -277,47 +221,47 @@ def _check_images(paths: list[Path], workers: int | None) -> list[str | None]:
         return list(pool.map(image_problem, paths))
 
 
-def scan_subsets(subsets: list[Subset], check_images: bool = True, workers: int | None = None,
-                 captionless: str = CLASS_TOKENS) -> DatasetScan:
-    """Find every subset's images and captions (not recursive; sorted by file name).
-
-    Missing or empty captions fall back to the class tokens. With `check_images`, every image is fully
-    decoded and failures go to `bad_images` (never raised: the trainer applies skip_bad_images).
-    Raises DatasetError, listing all problems at once, for missing folders, non-UTF-8 captions,
-    bad repeat counts, and for train (or reg) folders that contain no images at all.
-    """
-    if not subsets:
-        raise DatasetError("no dataset folders to scan; set dataset.train_dir to a folder holding NN_name/ folders")
-    problems: list[str] = []
-    candidates: list[tuple[int, Path, Path | None]] = []  # (subset index, image, caption file)
-    listings: dict[int, _FolderListing] = {}
+def _list_subsets(subsets: list[Subset]) -> tuple[list[tuple[int, Path, Path | None]], dict[int, FolderListing],
+                                                  list[DatasetProblem]]:
+    """(subset index, image, caption file) for every image, each folder's listing, and missing folders."""
+    problems: list[DatasetProblem] = []
+    candidates: list[tuple[int, Path, Path | None]] = []
+    listings: dict[int, FolderListing] = {}
     for index, subset in enumerate(subsets):
         if subset.repeats < 1:
-            problems.append(f"{subset.image_dir}: repeats must be at least 1, got {subset.repeats}")
+            problems.append(DatasetProblem("location", f"{subset.image_dir}: repeats must be at least 1, got "
+                                                       f"{subset.repeats}"))
         if not subset.image_dir.is_dir():
-            problems.append(f"dataset folder {subset.image_dir} does not exist; check the path or create it")
+            problems.append(DatasetProblem("location", f"dataset folder {subset.image_dir} does not exist; check "
+                                                       "the path or create it"))
             continue
-        listing = listings[index] = _list_folder(subset.image_dir)
+        listing = listings[index] = list_folder(subset.image_dir)
         ext = _normalise_extension(subset.caption_extension)
         for image in listing.images:
-            candidates.append((index, image, _find_caption(image, ext, listing)))
-    problems.extend(_empty_problems(subsets, listings))
+            candidates.append((index, image, find_caption(image, ext, listing)))
+    return candidates, listings, problems + empty_problems(subsets, listings)
 
-    captions: list[str] = []
-    for index, image, caption_path in candidates:
-        try:
-            captions.append(read_caption(caption_path) if caption_path is not None else "")
-        except DatasetError as exc:
-            problems.extend(exc.problems)
-            captions.append("")
-    if problems:  # raised before decoding images, which can take minutes on large datasets
-        raise DatasetError(problems)
 
+def collect_scan(subsets: list[Subset], check_images: bool = True, workers: int | None = None,
+                 captionless: str = CLASS_TOKENS) -> DatasetScan:
+    """Find every subset's images and captions (not recursive; sorted by file name), collecting every problem
+    instead of raising: missing folders, bad repeats and folders without images in `problems`, captions that
+    cannot be read in `bad_captions`, and (with `check_images`, every image fully decoded) images that cannot
+    be read in `bad_images`. Images of either list are left out of `items`; missing or empty captions fall
+    back to the class tokens."""
+    if not subsets:
+        return DatasetScan([], [], [], [], problems=[DatasetProblem(
+            "location", "no dataset folders to scan; set dataset.train_dir to a folder holding NN_name/ folders")])
+    candidates, listings, problems = _list_subsets(subsets)
     reasons = _check_images([c[1] for c in candidates], workers) if check_images else [None] * len(candidates)
-    items, missing, bad = [], [], []
-    for (index, image, _), caption, reason in zip(candidates, captions, reasons):
+    items, missing, bad, bad_captions = [], [], [], []
+    for (index, image, caption_path), reason in zip(candidates, reasons):
+        caption, caption_reason = caption_or_problem(caption_path) if caption_path is not None else ("", None)
+        if caption_reason is not None:
+            bad_captions.append((caption_path, caption_reason))
         if reason is not None:
             bad.append((image, reason))
+        if reason is not None or caption_reason is not None:
             continue
         subset = subsets[index]
         from_file = bool(caption)
@@ -330,29 +274,21 @@ def scan_subsets(subsets: list[Subset], check_images: bool = True, workers: int 
     for index, listing in listings.items():
         subset = subsets[index]
         folder_missing = [p for p in missing if p.parent == subset.image_dir]
-        notes.extend(_folder_notes(subset, listing, _normalise_extension(subset.caption_extension), folder_missing,
-                                   captionless))
-    return DatasetScan(list(subsets), items, missing, bad, notes, captionless)
+        notes.extend(folder_notes(subset, listing, _normalise_extension(subset.caption_extension), folder_missing,
+                                  captionless))
+    return DatasetScan(list(subsets), items, missing, bad, notes, captionless, bad_captions, problems)
 
 
-def _empty_problems(subsets: list[Subset], listings: dict[int, _FolderListing]) -> list[str]:
-    """Errors for train (or reg) folders that together hold no images, saying what they hold instead."""
-    problems = []
-    for is_reg in (False, True):
-        group = [i for i, s in enumerate(subsets) if s.is_reg == is_reg and i in listings]
-        if not group or any(listings[i].images for i in group):
-            continue
-        searched = "; ".join(f"{subsets[i].image_dir} (found {_found_text(listings[i])})" for i in group)
-        kind = "regularisation" if is_reg else "training"
-        hint = ""
-        suffixes = set().union(*(listings[i].other_suffixes for i in group))
-        if suffixes & set(COMMON_CAPTION_EXTENSIONS):
-            hint = " Caption files were found but their images were not;"
-        problems.append(
-            f"no {kind} images found. Searched: {searched}.{hint} supported image types: "
-            f"{' '.join(IMAGE_EXTENSIONS)} (subfolders of NN_name folders are not searched)"
-        )
-    return problems
+def scan_subsets(subsets: list[Subset], check_images: bool = True, workers: int | None = None,
+                 captionless: str = CLASS_TOKENS) -> DatasetScan:
+    """collect_scan, raising one DatasetError for every problem but unreadable images (listed in `bad_images`
+    for the caller to refuse or skip): missing folders, bad repeats, folders without images and captions that
+    cannot be read."""
+    scan = collect_scan(subsets, check_images, workers, captionless)
+    problems = scan.problems + [p for p in scan.unreadable() if p.kind == "caption"]
+    if problems:
+        raise DatasetError(problems, notes=scan.notes)
+    return scan
 
 
 def balance_reg_items(num_train_samples: int, reg_items: list[ImageItem]) -> list[ImageItem]:

@@ -9,12 +9,13 @@ from pathlib import Path
 
 from library.config.schema import DatasetSection, RunConfig
 from library.data.batches import TrainingData
-from library.data.buckets import BucketAssignment, BucketSettings, assign_buckets, auto_bucket_range
+from library.data.buckets import (BucketAssignment, BucketSettings, assign_buckets, auto_bucket_range,
+                                  square_assignment, upscale_warning)
 from library.data.captions import CaptionOptions
-from library.data.errors import DatasetError
 from library.data.captions import CLASS_TOKENS
-from library.data.folders import (DatasetScan, Subset, balance_reg_items, reg_balance_message,
-                                  scan_subsets, subsets_from_folder)
+from library.data.errors import DatasetError, DatasetProblem
+from library.data.folders import (DatasetScan, Subset, balance_reg_items, collect_scan, find_subsets,
+                                  reg_balance_message)
 from library.data.latent_cache import default_cache_dir
 from library.recipes.base import Recipe
 from library.training.device import SAVE_DTYPES, WEIGHT_DTYPES, resolve_device
@@ -47,29 +48,42 @@ def latent_cache_dir(ds: DatasetSection) -> Path:
                              [s.image_dir for s in ds.subsets])
 
 
-def dataset_subsets(ds: DatasetSection, extra: list[Subset] | None = None) -> list[Subset]:
-    """The run's folders: train_dir's and reg_dir's NN_name folders, explicit subsets, and a recipe's extras."""
-    subsets = []
-    if ds.train_dir:
-        subsets += subsets_from_folder(Path(ds.train_dir), False, ds.caption_extension)
-    if ds.reg_dir:
-        subsets += subsets_from_folder(Path(ds.reg_dir), True, ds.caption_extension)
+def _dataset_roots(ds: DatasetSection) -> list[Path]:
+    return [Path(folder) for folder in (ds.train_dir, ds.reg_dir) if folder]
+
+
+def _find_dataset_subsets(ds: DatasetSection, extra: list[Subset] | None
+                          ) -> tuple[list[Subset], list[DatasetProblem], list[Subset]]:
+    """(subsets, problems of the folder layout, misnamed folders as provisional subsets)."""
+    subsets, problems, misnamed = [], [], []
+    for root, is_reg in ((ds.train_dir, False), (ds.reg_dir, True)):
+        if root:
+            found = find_subsets(Path(root), is_reg, ds.caption_extension)
+            subsets, problems = subsets + found.subsets, problems + found.problems
+            misnamed += found.misnamed
     for s in ds.subsets:
         subsets.append(Subset(Path(s.image_dir), s.repeats, s.class_tokens, s.is_reg,
                               s.caption_extension or ds.caption_extension))
-    return subsets + list(extra or [])
+    return subsets + list(extra or []), problems, misnamed
 
 
 def scan_dataset(ds: DatasetSection, extra: list[Subset] | None = None, captionless: str = CLASS_TOKENS
                  ) -> DatasetScan:
-    """Scan folders and images; bad images stop the run unless dataset.skip_bad_images is set."""
-    scan = scan_subsets(dataset_subsets(ds, extra), captionless=captionless)
-    if scan.bad_images and not ds.skip_bad_images:
-        listed = "\n".join(f"  {path}: {reason}" for path, reason in scan.bad_images)
-        raise DatasetError(f"{len(scan.bad_images)} image(s) cannot be read:\n{listed}\n"
-                           "fix or remove them, or set dataset.skip_bad_images = true to train without them")
+    """Scan folders, captions and images in one pass and raise one DatasetError with every problem found,
+    grouped by kind. Unreadable images and captions leave their images out instead when
+    dataset.skip_bad_images is set (the summary lists them)."""
+    subsets, problems, misnamed = _find_dataset_subsets(ds, extra)
+    roots = _dataset_roots(ds)
+    if not subsets and not misnamed:
+        raise DatasetError(problems, roots)
+    # misnamed folders are scanned too, so renaming them is not followed by another round of problems
+    scan = collect_scan(subsets + misnamed, captionless=captionless)
+    problems += scan.problems + ([] if ds.skip_bad_images else scan.unreadable())
+    if problems:
+        raise DatasetError(problems, roots, scan.notes)
     if not scan.train_items:
-        raise DatasetError("no readable training images were found (only regularisation images)")
+        left_out = [DatasetProblem("left_out", p.text) for p in scan.unreadable()]
+        raise DatasetError(left_out or "no readable training images were found (only regularisation images)", roots)
     return scan
 
 
@@ -109,6 +123,7 @@ def _training_data(config: RunConfig, scan: DatasetScan, notes: list[str]
         notes.extend(buckets.table_lines(items))
     elif ignored := ignored_bucket_keys(ds):
         notes.append(f"{', '.join(ignored)} have no effect while dataset.enable_buckets = false")
+    notes.extend(upscale_warning(items, buckets or square_assignment(items, ds.resolution)))
     captions = CaptionOptions(ds.caption_prefix, ds.caption_suffix, ds.shuffle_caption, ds.keep_tokens,
                               ds.caption_dropout_rate, ds.caption_tag_dropout_rate)
     return TrainingData(items, captions, ds.resolution, train.batch_size, train.seed, ds.flip_aug, ds.random_crop,

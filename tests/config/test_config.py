@@ -104,7 +104,7 @@ def test_unknown_section_is_an_error(tmp_path):
 
 def test_wrong_type_names_key_and_value(tmp_path):
     problems = problems_of(write(tmp_path, MINIMAL.replace("max_steps = 10", 'max_steps = "ten"')))
-    assert any("'train.max_steps' = 'ten'" in p for p in problems)
+    assert any("'train.max_steps' = \"ten\": expected a whole number, got a string" in p for p in problems)
 
 
 def test_steps_or_epochs_exactly_one(tmp_path):
