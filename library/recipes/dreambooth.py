@@ -123,6 +123,10 @@ class DreamBoothRecipe(Recipe):
             return
         print(status.line())
         if status.missing and not check_only:
+            from library.recipes.resolve import scan_dataset
+
+            scan_dataset(config.dataset, captionless=self.captionless)  # the user's images first, before a
+            # model loads to generate class images: a bad dataset is still reported in a second
             written = generate_class_images(load_model(), config, status)
             print(f"class images: wrote {len(written)} to {status.folder}")
 

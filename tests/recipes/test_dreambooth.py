@@ -249,3 +249,21 @@ def test_bf16_checkpointing_and_8bit_adam_keep_the_weights_in_full_precision(tmp
     for name in ("unet", "text_encoder"):
         for (key, a), b in zip(getattr(base, name).state_dict().items(), getattr(tuned, name).state_dict().values()):
             assert torch.allclose(a, b, rtol=0, atol=1e-9), f"{name}.{key}"
+
+
+def test_a_bad_dataset_is_reported_before_class_images_load_the_model(tmp_path, capsys, monkeypatch):
+    """Class images are generated with the model; the user's folders are scanned first, so a broken caption
+    costs a second, not a model load and generation."""
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model loaded before the dataset problem was reported")
+
+    monkeypatch.setattr("library.models.loading.load_model", no_model)
+    path = config_text(tmp_path, reg=False)
+    broken = next((tmp_path / "data" / "train").rglob("*.txt"))
+    broken.write_bytes(b"a \xff caption")
+    class_dir = tmp_path / "class" / "1_pot"
+    code = run(path, f"dreambooth.class_dir={class_dir.as_posix()}", "dreambooth.num_class_images=2",
+               "dreambooth.class_prompt=a photo of a pot")
+    assert code == 2
+    err = capsys.readouterr().err
+    assert str(broken) in err and "not valid UTF-8" in err and "Traceback" not in err
