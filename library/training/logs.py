@@ -75,7 +75,9 @@ class RunLog:
         self._writer = None
         self.average = MovingAverage()
         self.last_loss: float | None = None
-        self.bar = tqdm(total=total_steps, initial=initial_step, desc="training", unit="step", dynamic_ncols=True)
+        # refreshed at every step (a step takes far longer than drawing the bar)
+        self.bar = tqdm(total=total_steps, initial=initial_step, desc="training", unit="step", dynamic_ncols=True,
+                        mininterval=0, miniters=1)
 
     @property
     def writer(self):
@@ -103,6 +105,10 @@ class RunLog:
         shown.update({f"lr_{name}" if len(lrs) > 1 else "lr": f"{lr:.2e}" for name, lr in lrs.items()})
         self.bar.set_postfix(shown, refresh=False)
         self.bar.update(1)
+        # tqdm starts each redraw with "\r", so a reader of lines (a log tee, a GUI wrapper) would get this step's
+        # line only when the next step begins it; ending the line now hands it over as the step ends
+        self.bar.fp.write("\r")
+        self.bar.fp.flush()
 
     def epoch_end(self, epoch: int, mean_loss: float) -> None:
         self.writer.add_scalar("loss/epoch", mean_loss, epoch + 1)

@@ -119,3 +119,22 @@ def test_a_run_that_fails_before_its_first_step_leaves_no_run_folder(tmp_path, m
     assert not (tmp_path / "logs").exists() or not any((tmp_path / "logs").iterdir())
     summary = json.loads((tmp_path / "out" / "t.run.json").read_text())
     assert summary["status"] == "failed" and summary["step"] == 0 and "NaN" in summary["error"]
+
+
+def test_each_step_line_is_complete_when_the_step_ends(tmp_path, monkeypatch):
+    """A reader of lines (a log tee, a GUI wrapper) gets step k's bar as step k ends, not when step k+1 starts."""
+    import io
+    import sys
+
+    from library.training.logs import RunLog
+
+    stream = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", stream)
+    log = RunLog(tmp_path / "tb", total_steps=5)
+    for step in (1, 2, 3):
+        log.step(step, 0.5, {"unet": 1e-4}, 0)
+        text = stream.getvalue()
+        assert text.endswith("\r")
+        last_line = [part for part in text.split("\r") if part.strip()][-1]
+        assert f"{step}/5" in last_line and "loss=0.5000" in last_line
+    log.close()
