@@ -96,17 +96,17 @@ def _training_data(config: RunConfig, scan: DatasetScan, notes: list[str]) -> Tr
             notes.append(message)
         reg = balance_reg_items(scan.num_train_samples(), reg)
     items = scan.train_items + reg
-    sizes = None
+    sizes = image_sizes = None
     if ds.enable_buckets:
         buckets = assign_buckets(items, bucket_settings(ds))
-        sizes = buckets.sizes
+        sizes, image_sizes = buckets.sizes, buckets.image_sizes
         notes.extend(buckets.table_lines(items))
     elif ignored := ignored_bucket_keys(ds):
         notes.append(f"{', '.join(ignored)} have no effect while dataset.enable_buckets = false")
     captions = CaptionOptions(ds.caption_prefix, ds.caption_suffix, ds.shuffle_caption, ds.keep_tokens,
                               ds.caption_dropout_rate, ds.caption_tag_dropout_rate)
     return TrainingData(items, captions, ds.resolution, train.batch_size, train.seed, ds.flip_aug, ds.random_crop,
-                        sizes)
+                        sizes, image_sizes)
 
 
 def resolve(config: RunConfig, recipe: Recipe) -> ResolvedRun:
