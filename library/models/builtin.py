@@ -13,6 +13,9 @@ from library.models.parts import ModelParts, training_scheduler
 from library.models.paths import BUILTIN_MODELS, BUILTIN_PREFIX, CONFIG_ROOT, ModelLoadError, model_path_problem
 
 _BUILTIN_SEED = 20240601
+# Each built-in draws its own weights: tiny-sdxl's VAE must not be tiny-sd15's with another name (a latent
+# cache keyed on the VAE would then rightly be shared, and would not show that SDXL gets its own).
+_SEED_OFFSETS = {"tiny-sdxl": 1000}
 
 
 def read_json(path: Path) -> dict:
@@ -54,4 +57,4 @@ def build_builtin(name: str) -> ModelParts:
     name = name.removeprefix(BUILTIN_PREFIX)
     if name not in BUILTIN_MODELS:
         raise ModelLoadError(model_path_problem(BUILTIN_PREFIX + name) or name)
-    return build_random(CONFIG_ROOT / name, _BUILTIN_SEED, BUILTIN_PREFIX + name)
+    return build_random(CONFIG_ROOT / name, _BUILTIN_SEED + _SEED_OFFSETS.get(name, 0), BUILTIN_PREFIX + name)

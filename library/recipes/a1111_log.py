@@ -20,9 +20,9 @@ CSV_NAME = "textual_inversion_loss.csv"
 
 
 class A1111Log(TrainerHooks):
-    """A1111's log layout under <logging.log_dir>/<YYYY-MM-DD>/<name>/: embeddings/<name>-<step>.pt (+ .optim),
-    images/<name>-<step>.png, image_embeddings/<name>-<step>.png and textual_inversion_loss.csv. <step> is
-    the number of optimizer steps done."""
+    """A1111's log layout under <logging.log_dir>/<YYYY-MM-DD>/<name>/: embeddings/<name>-<step>.pt (+ .optim;
+    .safetensors for SDXL, which .pt cannot hold), images/<name>-<step>.png, image_embeddings/<name>-<step>.png
+    and textual_inversion_loss.csv. <step> is the number of optimizer steps done."""
 
     def __init__(self, config, trainable: EmbeddingTrainable, plan: TrainingPlan):
         self.config = config
@@ -45,7 +45,7 @@ class A1111Log(TrainerHooks):
     def after_train(self, trainer: Trainer, loop: LoopParts, final: Path) -> None:
         self.trainable.sync_rows()
         if self.config.embedding.save_optimizer_state:
-            vectors = self.trainable.embedding(self.name, trainer.progress.global_step).vectors
+            vectors = self.trainable.embedding(self.name, trainer.progress.global_step).checksum_values()
             save_optimizer_state(final, vectors, loop.optimizer.state_dict(), self.optimizer_name)
 
     def write_csv(self, step: int, loss: float, lr: float) -> None:
@@ -62,11 +62,11 @@ class A1111Log(TrainerHooks):
 
     def save_copy(self, step: int, loop: LoopParts) -> Path:
         name = f"{self.name}-{step}"
-        path = self.folder / "embeddings" / f"{name}.pt"
+        path = self.folder / "embeddings" / f"{name}{self.trainable.copy_suffix}"
         embedding = self.trainable.embedding(name, step)
         save_embedding(embedding, path, self.trainable.save_dtype)
         if self.config.embedding.save_optimizer_state:
-            save_optimizer_state(path, embedding.vectors, loop.optimizer.state_dict(), self.optimizer_name)
+            save_optimizer_state(path, embedding.checksum_values(), loop.optimizer.state_dict(), self.optimizer_name)
         return path
 
     def preview_spec(self, step: int, batch: Batch) -> SampleSpec:
