@@ -1,12 +1,14 @@
 """Measurements several test files share."""
 from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
-from library.models.conditioning import encode_text, tokenize
+from library.data.batches import SampleGeometry
+from library.data.buckets import upright_size
 from library.training.loss import fixed_denoising_loss
-from library.data.images import load_image, resize_and_crop, to_tensor
+from library.data.images import cover_crop, load_image, resize_and_crop, to_tensor
 from library.data.latent_cache import encode_distribution
 from library.data.sources import encode_latents
 
@@ -25,8 +27,10 @@ def training_set_loss(parts, train_dir: Path, prompt: Callable[[str], str] = str
     else:
         latents = encode_latents(parts.vae, pixels, torch.Generator().manual_seed(0))
     prompts = [prompt(p.with_suffix(".txt").read_text(encoding="utf-8").strip()) for p in images]
-    with torch.no_grad():
-        conditioning = encode_text(parts.text_encoder, tokenize(parts.tokenizer, prompts))
+    with torch.no_grad():  # through the family: SDXL adds its pooled text and the images' size ids
+        sizes = [upright_size(p) for p in images]
+        batch = SimpleNamespace(geometry=[SampleGeometry(s, cover_crop(*s, size, size), (size, size)) for s in sizes])
+        conditioning = parts.family.conditioning(parts.family.encode_text(parts, prompts, 1), batch)
     return fixed_denoising_loss(parts.unet, parts.noise_scheduler, latents, conditioning, parts.v_prediction,
                                 timesteps=TIMESTEPS, seed=123)
 

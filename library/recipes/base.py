@@ -87,3 +87,15 @@ def value_of(data: dict, section: str, key: str, kind: type, default: Any = None
     """A raw config value when it has the expected type, else `default` (the schema reports wrong types)."""
     value = table(data, section).get(key, default)
     return value if isinstance(value, kind) and not (kind is int and isinstance(value, bool)) else default
+
+
+def model_family(data: dict):
+    """The ModelFamily of the raw config's model.path when it can be told without loading weights, else None
+    (recipes check family-dependent keys with it before any model loads)."""
+    from library.models.detect import family_of_path
+    from library.models.paths import model_path_problem
+
+    path = value_of(data, "model", "path", str)
+    if not path or model_path_problem(path):
+        return None
+    return family_of_path(path)

@@ -7,7 +7,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from library.config.schema import RunConfig, Section
-from library.recipes.base import Built, Recipe
+from library.recipes.base import Built, Recipe, model_family, table
 
 
 class NetworkSection(Section):
@@ -48,6 +48,15 @@ class LoraRecipe(Recipe):
     name = "lora"
     config_class = LoraRunConfig
     path_keys = (("network", "init_weights", "file"),)
+
+    def environment_problems(self, data: dict) -> list[str]:
+        rates, family = table(data, "network").get("text_encoder_lr"), model_family(data)
+        if isinstance(rates, list) and family is not None and rates:
+            try:
+                text_encoder_rates([float(r) for r in rates if isinstance(r, (int, float))], 1.0, family)
+            except ValueError as err:
+                return [str(err)]
+        return []
 
     def text_encoder_trained_by(self, config: LoraRunConfig) -> str | None:
         return "network.train_text_encoder" if config.network.train_text_encoder else None

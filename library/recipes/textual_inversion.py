@@ -11,7 +11,7 @@ from pydantic import Field, field_validator, model_validator
 
 from library.config.schema import RunConfig, Section, fill_defaults
 from library.networks.embedding_names import name_problem
-from library.recipes.base import Built, PlanChange, Recipe, table, value_of
+from library.recipes.base import Built, PlanChange, Recipe, model_family, table, value_of
 
 
 class EmbeddingSection(Section):
@@ -135,6 +135,12 @@ class TextualInversionRecipe(Recipe):
         template = table(data, "embedding").get("template", "subject_filewords")
         if isinstance(template, (str, list)) and (problem := template_problem(template)):
             problems.append(problem)
+        family = model_family(data)
+        if family is not None and value_of(data, "embedding", "format", str) == "pt":
+            try:
+                _file_format("pt", family)
+            except ValueError as err:
+                problems.append(str(err))
         rate = table(data, "embedding").get("learn_rate", "")
         rate = str(rate) if isinstance(rate, (int, float)) and not isinstance(rate, bool) else rate
         if isinstance(rate, str) and rate.strip():
