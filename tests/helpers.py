@@ -38,8 +38,8 @@ def training_set_loss(parts, train_dir: Path, prompt: Callable[[str], str] = str
 SAMPLES = Path(__file__).resolve().parents[1] / "examples" / "sample_dataset" / "train"
 
 
-def write_run_config(tmp: Path, body: str, train: Path | None = None) -> Path:
-    """A config on the built-in tiny model and a copy of the bundled sample images, with `body` (TOML sections
+def write_run_config(tmp: Path, body: str, train: Path | None = None, model: str = "builtin:tiny-sd15") -> Path:
+    """A config on a built-in tiny model and a copy of the bundled sample images, with `body` (TOML sections
     after [model]; "{train}" and "{tmp}" are filled in). Sections the body leaves out get test defaults."""
     import shutil
 
@@ -54,14 +54,15 @@ def write_run_config(tmp: Path, body: str, train: Path | None = None) -> Path:
                 "[logging]": f'[logging]\nlog_dir = "{(tmp / "logs").as_posix()}"\n'}
     extra = "".join(block for header, block in defaults.items() if header not in text)
     path = tmp / "run.toml"
-    path.write_text('[model]\npath = "builtin:tiny-sd15"\n' + extra + text, encoding="utf-8")
+    path.write_text(f'[model]\npath = "{model}"\n' + extra + text, encoding="utf-8")
     return path
 
 
-def resolved_run(recipe, tmp: Path, body: str = "", overrides: tuple[str, ...] = ()):
+def resolved_run(recipe, tmp: Path, body: str = "", overrides: tuple[str, ...] = (),
+                 model: str = "builtin:tiny-sd15"):
     """(config, ResolvedRun) through the run step users go through, without loading a model."""
     from library.recipes.resolve import resolve
     from library.recipes.run import read_config
 
-    config = read_config(write_run_config(tmp, body), list(overrides), recipe)
+    config = read_config(write_run_config(tmp, body, model=model), list(overrides), recipe)
     return config, resolve(config, recipe)
