@@ -25,10 +25,11 @@ def read_json(path: Path) -> dict:
         raise ModelLoadError(f"Cannot read model config {path}: {exc}") from exc
 
 
-def build_random(folder: Path, seed: int, source: str) -> ModelParts:
+def build_random(folder: Path, seed: int, source: str, dtype: torch.dtype = torch.float32) -> ModelParts:
     """A model of the diffusers configs in `folder` with seeded random weights (the built-ins; benchmarks build
     full-size architectures this way). The global torch RNG is left untouched. Each component has its own
-    seed, so changing one config leaves the others' weights unchanged."""
+    seed, so changing one config leaves the others' weights unchanged. Each is cast to `dtype` as soon as it
+    is built (a full-size SDXL never exists whole in fp32)."""
     unet_config = read_json(folder / "unet" / "config.json")
     text_config = read_json(folder / "text_encoder" / "config.json")
     family = family_for_configs(unet_config, text_config)
@@ -39,11 +40,11 @@ def build_random(folder: Path, seed: int, source: str) -> ModelParts:
         for index, (slot, cls) in enumerate(zip(family.text_encoders, family.text_encoder_classes())):
             torch.manual_seed(seed + (3 + index if index else 0))  # the first encoder keeps its original seed
             config = cls.config_class.from_dict(read_json(folder / slot.attribute / "config.json"))
-            encoders.append(cls(config).eval())
+            encoders.append(torch.nn.Module.to(cls(config).eval(), dtype))
         torch.manual_seed(seed + 1)
-        vae = AutoencoderKL.from_config(read_json(folder / "vae" / "config.json"))
+        vae = torch.nn.Module.to(AutoencoderKL.from_config(read_json(folder / "vae" / "config.json")), dtype)
         torch.manual_seed(seed + 2)
-        unet = UNet2DConditionModel.from_config(unet_config)
+        unet = torch.nn.Module.to(UNet2DConditionModel.from_config(unet_config), dtype)
     scheduler_config = read_json(folder / "scheduler" / "scheduler_config.json")
     v_prediction = scheduler_config["prediction_type"] == "v_prediction"
     return ModelParts(family=family, tokenizers=family.build_tokenizers(), text_encoders=encoders,
