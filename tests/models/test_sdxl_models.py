@@ -206,3 +206,37 @@ def test_full_size_sdxl_layout_reads_back_through_diffusers():
                      for k, v in converted.items() if not k.endswith("position_ids")}
         assert set(converted) == set(original)
         assert all(converted[k].shape == original[k].shape for k in original)
+
+
+def test_sdxl_refiner_is_refused_by_name(tmp_path):
+    path = tmp_path / "refiner.safetensors"
+    save_file({"model.diffusion_model.out.2.bias": torch.zeros(4),
+               "conditioner.embedders.0.model.ln_final.weight": torch.zeros(4)}, str(path))
+    with pytest.raises(ModelLoadError, match="SDXL refiner"):
+        load_model(str(path))
+
+
+def test_dropped_captions_train_on_the_empty_prompts_encoding(tiny, tmp_path):
+    from library.data.batches import TrainingData
+    from library.data.captions import CaptionOptions
+    from library.data.folders import ImageItem
+    from library.data.sources import ConditioningSource
+
+    items = [ImageItem(p, "kiln pot, vase", True, 1, False, 0) for p in sorted((REPO / "examples" /
+                                                                                 "sample_dataset" / "train").rglob("*.png"))]
+    data = TrainingData(items, CaptionOptions(dropout_rate=1.0), 64, 2, seed=1)
+    batch = data.batch(0, data.epoch_batches(0)[0])
+    assert batch.captions == ["", ""]
+    with torch.no_grad():
+        dropped = ConditioningSource(tiny).encode(batch.captions)
+        empty = SDXL.encode_text(tiny, [""], 1)
+    assert torch.allclose(dropped.hidden_states[0], empty.hidden_states[0], atol=1e-5)
+    assert torch.allclose(dropped.pooled[0], empty.pooled[0], atol=1e-5)
+    assert dropped.pooled.abs().sum() > 0  # encoded "", not zeros
+
+
+def test_whole_model_saves_as_a_diffusers_folder_too(tiny, tmp_path):
+    from library.models.saving import save_model
+
+    save_model(tiny, tmp_path / "dreambooth", torch.float32)  # what save_format = "diffusers" writes
+    assert_same_weights(tiny, load_model(str(tmp_path / "dreambooth")))
