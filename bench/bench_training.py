@@ -3,6 +3,7 @@
 
     .venv/bin/python bench/bench_training.py [--models tiny,sd15] [--steps 3] [--resolution 256]
                                              [--threads N] [--mixed-precision no|bf16] [--batch-size 1]
+                                             [--gradient-checkpointing]
 
 Each model runs in its own subprocess (so one model's peak RSS and thread setting cannot leak into the
 next) through the code train_lora.py runs: prepare_run → LoraTrainable → Trainer.train(), on
@@ -34,9 +35,13 @@ if str(REPO) not in sys.path:
 SAMPLES = REPO / "examples" / "sample_dataset" / "train"
 MODELS = {
     "tiny": "built-in tiny-sd15 (builtin:tiny-sd15)",
+    "tiny-sdxl": "built-in tiny-sdxl (builtin:tiny-sdxl)",
     "sd15": "full-size SD1.5 architecture (library/models/model_configs/sd1), seeded random weights",
+    "sdxl": "full-size SDXL architecture (library/models/model_configs/sdxl: 2.6 B UNet, two text encoders), "
+            "seeded random weights",
 }
-SD15_SEED = 1234
+FULL_SIZE = {"sd15": "sd1", "sdxl": "sdxl"}  # config folder of each full-size architecture
+RANDOM_SEED = 1234
 
 
 # ----------------------------------------------------------------------------------------- measurement
@@ -139,6 +144,7 @@ class ModelResult:
     batch_size: int
     threads: int
     mixed_precision: str
+    gradient_checkpointing: bool
     measured_steps: int
     s_per_step: float  # median over measured steps
     step_s: list[float]  # every measured step, in order
@@ -173,6 +179,7 @@ def summarize(model: str, args: argparse.Namespace, probe: StepProbe, threads: i
         batch_size=args.batch_size,
         threads=threads,
         mixed_precision=args.mixed_precision,
+        gradient_checkpointing=args.gradient_checkpointing,
         measured_steps=len(measured),
         s_per_step=statistics.median(durations),
         step_s=durations,
@@ -190,11 +197,12 @@ def summarize(model: str, args: argparse.Namespace, probe: StepProbe, threads: i
 # ----------------------------------------------------------------------------------------- one model (child)
 
 
-def write_config(folder: Path, args: argparse.Namespace) -> Path:
+def write_config(folder: Path, args: argparse.Namespace, model: str) -> Path:
     """A LoRA run config with the library defaults for [network] and [optimizer], outputs inside ``folder``."""
+    builtin = "builtin:tiny-sdxl" if "sdxl" in model else "builtin:tiny-sd15"
     text = f"""
 [model]
-path = "builtin:tiny-sd15"  # sd15 swaps in its own ModelParts; the path only has to validate
+path = "{builtin}"  # full-size models swap in their own ModelParts; the path only has to validate
 [dataset]
 train_dir = "{SAMPLES.as_posix()}"
 resolution = {args.resolution}
@@ -203,6 +211,7 @@ cache_latents = "memory"
 max_steps = {args.steps + 1}  # one warm-up step that is not measured
 batch_size = {args.batch_size}
 mixed_precision = "{args.mixed_precision}"
+gradient_checkpointing = {str(args.gradient_checkpointing).lower()}
 num_threads = {args.threads or 0}
 device = "cpu"
 seed = 42
@@ -218,13 +227,18 @@ log_dir = "{(folder / 'logs').as_posix()}"
     return path
 
 
-def build_sd15_random():
-    """ModelParts with the full SD1.5 architecture from library/models/model_configs/sd1 and seeded random
-    weights, built as the tiny built-ins are; nothing is downloaded."""
+def build_full_size_random(model: str, mixed_precision: str):
+    """ModelParts with a full-size architecture from library/models/model_configs/ and seeded random weights,
+    built as the tiny built-ins are; nothing is downloaded. With bf16 each component is cast as soon as it is
+    built (the trainer holds the frozen weights in bf16 anyway), so the build never holds the whole fp32 model."""
+    import torch
+
     from library.models.builtin import build_random
     from library.models.paths import CONFIG_ROOT
 
-    return build_random(CONFIG_ROOT / "sd1", SD15_SEED, "random:sd1")
+    dtype = torch.bfloat16 if mixed_precision == "bf16" else torch.float32
+    folder = FULL_SIZE[model]
+    return build_random(CONFIG_ROOT / folder, RANDOM_SEED, f"random:{folder}", dtype=dtype)
 
 
 def run_model(model: str, args: argparse.Namespace) -> ModelResult:
@@ -243,12 +257,15 @@ def run_model(model: str, args: argparse.Namespace) -> ModelResult:
     from library.training.trainer import Trainer
 
     with tempfile.TemporaryDirectory(prefix="kiln-bench-") as tmp:
-        prepared = prepare(RECIPE, parse_run_args([str(write_config(Path(tmp), args))], "training benchmark"))
+        prepared = prepare(RECIPE, parse_run_args([str(write_config(Path(tmp), args, model))], "training benchmark"))
         assert prepared is not None  # no --check / --print-config was passed
         run = prepared[0]
         start = time.perf_counter()
         print(f"building {MODELS[model]} ...", flush=True)
-        parts = load_model("builtin:tiny-sd15") if model == "tiny" else build_sd15_random()
+        if model in FULL_SIZE:
+            parts = build_full_size_random(model, args.mixed_precision)
+        else:
+            parts = load_model("builtin:tiny-sd15" if model == "tiny" else f"builtin:{model}")
         build_s = time.perf_counter() - start
         built = RECIPE.build(parts, run)
         print("\n".join(built.lines))
@@ -267,6 +284,8 @@ def run_child(model: str, args: argparse.Namespace, folder: Path) -> ModelResult
     command = [sys.executable, str(Path(__file__).resolve()), "--child", model, "--result-file", str(result_file),
                "--steps", str(args.steps), "--resolution", str(args.resolution),
                "--mixed-precision", args.mixed_precision, "--batch-size", str(args.batch_size)]
+    if args.gradient_checkpointing:
+        command.append("--gradient-checkpointing")
     if args.threads:
         command += ["--threads", str(args.threads)]
     print(f"\n=== {model}: {MODELS[model]} ===", flush=True)
@@ -278,10 +297,11 @@ def run_child(model: str, args: argparse.Namespace, folder: Path) -> ModelResult
 
 
 def format_table(results: list[ModelResult]) -> str:
-    header = ("model", "res", "batch", "threads", "precision", "s/step", "UNet fwd+bwd", "other",
+    header = ("model", "res", "batch", "threads", "precision", "grad ckpt", "s/step", "UNet fwd+bwd", "other",
               "cache s/img", "peak RSS GiB")
     rows = [header] + [
-        (r.model, f"{r.resolution}", f"{r.batch_size}", f"{r.threads}", r.mixed_precision, f"{r.s_per_step:.3f}",
+        (r.model, f"{r.resolution}", f"{r.batch_size}", f"{r.threads}", r.mixed_precision,
+         "on" if r.gradient_checkpointing else "off", f"{r.s_per_step:.3f}",
          f"{r.unet_share:.0%}", f"{1 - r.unet_share:.0%}", f"{r.cache_s_per_image:.3f}", f"{r.peak_rss_gib:.2f}")
         for r in results
     ]
@@ -308,6 +328,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     parser.add_argument("--mixed-precision", choices=("no", "bf16"), default="no")
     parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--gradient-checkpointing", action="store_true",
+                        help="train.gradient_checkpointing = true (recompute activations in the backward pass)")
     parser.add_argument("--child", choices=tuple(MODELS), help=argparse.SUPPRESS)
     parser.add_argument("--result-file", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

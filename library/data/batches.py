@@ -7,13 +7,14 @@ exactly the data an uninterrupted run would have seen, without saving any RNG st
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
+from library.data.buckets import Size, upright_size
 from library.data.captions import CaptionOptions, process_caption
 from library.data.folders import ImageItem, expand_samples
-from library.data.images import load_image, resize_and_crop, to_tensor
+from library.data.images import CropBox, cover_crop, load_image, resize_and_crop, to_tensor
 
 
 def derived_rng(*parts: int) -> random.Random:
@@ -29,12 +30,37 @@ def hash_ints(*parts: int) -> int:
 
 
 @dataclass(frozen=True)
+class SampleGeometry:
+    """How a sample's training pixels were cut from its image: the image's upright size on disk, the cover
+    resize and crop (`CropBox`), the training size and whether the sample is mirrored. SDXL is conditioned on
+    these (its size and crop "time ids"); other families ignore them."""
+
+    original_size: Size  # (width, height) of the image file, EXIF rotation applied
+    box: CropBox
+    target_size: Size  # (width, height) trained at: the bucket, or resolution²
+    flip: bool = False
+
+    @property
+    def crop_top(self) -> int:
+        return self.box.top
+
+    @property
+    def crop_left(self) -> int:
+        """The crop's left edge in the image as trained: for a mirrored sample, measured in the mirrored
+        resized image (diffusers' SDXL scripts take the crop after the flip)."""
+        if self.flip:
+            return self.box.resized_width - self.box.left - self.target_size[0]
+        return self.box.left
+
+
+@dataclass(frozen=True)
 class Batch:
     items: list[ImageItem]
     item_indices: list[int]
     captions: list[str]
     flips: list[bool]
     loss_weight: torch.Tensor | None = None  # per-pixel loss weights [B, 1, h, w] at latent resolution
+    geometry: list[SampleGeometry] = field(default_factory=list)  # per sample (batches of TrainingData)
 
     @property
     def is_reg(self) -> torch.Tensor:
@@ -46,8 +72,10 @@ class TrainingData:
 
     def __init__(self, items: list[ImageItem], captions: CaptionOptions, resolution: int, batch_size: int,
                  seed: int, flip_aug: bool = False, random_crop: bool = False,
-                 sizes: list[tuple[int, int]] | None = None):
-        """`sizes`: each item's bucket (width, height); None trains every item at resolution²."""
+                 sizes: list[tuple[int, int]] | None = None, image_sizes: list[Size] | None = None):
+        """`sizes`: each item's bucket (width, height); None trains every item at resolution².
+        `image_sizes`: each item's upright (width, height) when already known (buckets read them); otherwise
+        read from the file headers when first needed."""
         if sizes is not None and len(sizes) != len(items):
             raise ValueError(f"{len(sizes)} bucket sizes for {len(items)} items")
         self.items = items
@@ -59,6 +87,7 @@ class TrainingData:
         self.random_crop = random_crop
         self.sizes = sizes
         self.samples = expand_samples(items)
+        self._image_sizes: dict[int, Size] = dict(enumerate(image_sizes)) if image_sizes is not None else {}
 
     def size_of(self, item_index: int) -> tuple[int, int]:
         """Training (width, height) of an item: its aspect-ratio bucket, or resolution² without buckets."""
@@ -85,19 +114,38 @@ class TrainingData:
         derived_rng(self.seed, epoch, 5).shuffle(batches)
         return batches
 
-    def batch(self, epoch: int, positions: list[int]) -> Batch:
+    def image_size(self, item_index: int) -> Size:
+        """The item's upright (width, height) on disk (read from the header once)."""
+        if item_index not in self._image_sizes:
+            self._image_sizes[item_index] = upright_size(self.items[item_index].path)
+        return self._image_sizes[item_index]
+
+    def geometry(self, item_index: int, flip: bool, rng: random.Random | None = None) -> SampleGeometry:
+        """How the item is cut to its training size: centred, or at an offset drawn from `rng` with random_crop."""
+        width, height = self.size_of(item_index)
+        original = self.image_size(item_index)
+        box = cover_crop(*original, width, height, random_crop=self.random_crop, rng=rng)
+        return SampleGeometry(original, box, (width, height), flip)
+
+    def batch(self, epoch: int, positions: list[int], step_seed: int | None = None) -> Batch:
+        """The samples at `positions` of `epoch`: captions and flips from (seed, epoch, position); random crops
+        from the step's seed (the trainer passes its own; by default one derived from the batch's positions)."""
         indices = [self.samples[p] for p in positions]
         captions, flips = [], []
         for position, index in zip(positions, indices):
             rng = derived_rng(self.seed, epoch, position, 2)
             captions.append(process_caption(self.items[index].caption, self.caption_options, rng))
             flips.append(self.flip_aug and rng.random() < 0.5)
-        return Batch([self.items[i] for i in indices], indices, captions, flips)
+        if step_seed is None:
+            step_seed = hash_ints(self.seed, epoch, *positions)
+        crop_rng = derived_rng(step_seed, 4)  # one stream for the batch, drawn in sample order
+        geometry = [self.geometry(index, flip, crop_rng) for index, flip in zip(indices, flips)]
+        return Batch([self.items[i] for i in indices], indices, captions, flips, geometry=geometry)
 
-    def pixels(self, item_index: int, flip: bool, rng: random.Random | None = None) -> torch.Tensor:
-        """The item's image at its training size as a [3, H, W] tensor in [-1, 1]."""
+    def pixels(self, item_index: int, flip: bool, box: CropBox | None = None) -> torch.Tensor:
+        """The item's image at its training size as a [3, H, W] tensor in [-1, 1], cut as `box` says (a
+        sample's geometry) or centred."""
         width, height = self.size_of(item_index)
-        image = resize_and_crop(load_image(self.items[item_index].path), width, height,
-                                random_crop=self.random_crop, rng=rng)
+        image = resize_and_crop(load_image(self.items[item_index].path), width, height, box=box)
         tensor = to_tensor(image)
         return tensor.flip(-1) if flip else tensor

@@ -6,6 +6,7 @@ formats are handled the same way in bucketing, latent caching and preview code.
 from __future__ import annotations
 
 import random
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -117,26 +118,26 @@ def image_problem(path: Path) -> str | None:
     return None
 
 
-def resize_and_crop(
-    img: Image.Image,
-    width: int,
-    height: int,
-    random_crop: bool = False,
-    rng: random.Random | None = None,
-) -> Image.Image:
-    """Resize to cover width×height keeping the aspect ratio, then crop to exactly width×height.
+@dataclass(frozen=True)
+class CropBox:
+    """Where a training image's pixels come from: the size it is resized to (covering the training size,
+    aspect ratio kept) and the top-left corner of the training-size crop taken from that resized image."""
 
-    Lanczos filtering in Pillow widens its kernel when shrinking, so it averages like an area filter.
-    The crop is centred unless `random_crop`, which draws the offset from `rng` (or the global `random`).
-    """
+    resized_width: int
+    resized_height: int
+    left: int
+    top: int
+
+
+def cover_crop(src_w: int, src_h: int, width: int, height: int, random_crop: bool = False,
+               rng: random.Random | None = None) -> CropBox:
+    """The cover resize and crop of a src_w×src_h image to width×height: centred unless `random_crop`,
+    which draws the offset from `rng` (or the global `random`), left first."""
     if width < 1 or height < 1:
         raise ValueError(f"target size must be positive, got {width}x{height}")
-    src_w, src_h = img.size
     scale = max(width / src_w, height / src_h)
     new_w = max(width, round(src_w * scale))
     new_h = max(height, round(src_h * scale))
-    if (new_w, new_h) != (src_w, src_h):
-        img = img.resize((new_w, new_h), Image.Resampling.LANCZOS)
     if random_crop:
         source = rng if rng is not None else random
         left = source.randint(0, new_w - width)
@@ -144,7 +145,27 @@ def resize_and_crop(
     else:
         left = (new_w - width) // 2
         top = (new_h - height) // 2
-    return img.crop((left, top, left + width, top + height))
+    return CropBox(new_w, new_h, left, top)
+
+
+def resize_and_crop(
+    img: Image.Image,
+    width: int,
+    height: int,
+    random_crop: bool = False,
+    rng: random.Random | None = None,
+    box: CropBox | None = None,
+) -> Image.Image:
+    """Resize to cover width×height keeping the aspect ratio, then crop to exactly width×height.
+
+    Lanczos filtering in Pillow widens its kernel when shrinking, so it averages like an area filter.
+    The crop is `box` when given (decided beforehand, see `cover_crop`), else centred unless `random_crop`,
+    which draws the offset from `rng` (or the global `random`).
+    """
+    box = box or cover_crop(*img.size, width, height, random_crop, rng)
+    if (box.resized_width, box.resized_height) != img.size:
+        img = img.resize((box.resized_width, box.resized_height), Image.Resampling.LANCZOS)
+    return img.crop((box.left, box.top, box.left + width, box.top + height))
 
 
 def to_tensor(img: Image.Image) -> "torch.Tensor":

@@ -100,8 +100,8 @@ class PromptedData:
         text = fill_template(rng.choice(self.lines), self.name, filewords)
         return expand_name(text, self.name, self.vectors)
 
-    def batch(self, epoch: int, positions: list[int]) -> Batch:
-        base = self.base.batch(epoch, positions)
+    def batch(self, epoch: int, positions: list[int], step_seed: int | None = None) -> Batch:
+        base = self.base.batch(epoch, positions, step_seed)
         captions = [self.prompt(index, derived_rng(self.base.seed, epoch, position, 6))
                     for position, index in zip(positions, base.item_indices)]
         weight = None

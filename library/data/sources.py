@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from library.data.batches import Batch, TrainingData, derived_rng, hash_ints
+from library.data.batches import Batch, TrainingData, hash_ints
 from library.data.latent_cache import DiskLatentCache, LatentEntry, encode_distribution, encode_entries, sample_latent
 from library.models.conditioning import TextEncoding
 
@@ -105,8 +105,9 @@ class LatentSource:
         if self.mode == "memory" and self.draw in ("once", "deterministic"):
             return torch.stack([self.memory[k] for k in keys])
         if self.mode == "off":
-            rng = derived_rng(step_seed, 4)
-            pixels = torch.stack([self.data.pixels(i, f, rng) for i, f in keys])
+            if len(batch.geometry) != len(keys):
+                raise ValueError("latents encoded every step need the batch's crops (a batch of TrainingData)")
+            pixels = torch.stack([self.data.pixels(i, f, g.box) for (i, f), g in zip(keys, batch.geometry)])
             if self.draw == "step":
                 return encode_latents(self.vae, pixels, torch.Generator().manual_seed(step_seed))
             mean, std = encode_distribution(self.vae, pixels)

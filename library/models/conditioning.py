@@ -81,6 +81,9 @@ class TextEncoding:
         return TextEncoding(hidden, pooled)
 
 
+_EXACT = ("time_ids",)  # added conditioning passed as given
+
+
 @dataclass
 class Conditioning:
     """The UNet's conditioning inputs: cross-attention states plus any extra inputs (SDXL: pooled text
@@ -90,8 +93,9 @@ class Conditioning:
     added: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def unet_kwargs(self, dtype: torch.dtype) -> dict:
-        """Keyword arguments for `unet(noisy, timesteps, **kwargs)`, in the compute dtype."""
+        """Keyword arguments for `unet(noisy, timesteps, **kwargs)`, in the compute dtype; SDXL's size ids stay
+        fp32 (the UNet embeds them in fp32 itself; bf16 would round a size of 1500 to 1504)."""
         kwargs: dict = {"encoder_hidden_states": self.hidden_states.to(dtype)}
         if self.added:
-            kwargs["added_cond_kwargs"] = {k: v.to(dtype) for k, v in self.added.items()}
+            kwargs["added_cond_kwargs"] = {k: v if k in _EXACT else v.to(dtype) for k, v in self.added.items()}
         return kwargs

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import torch
 
@@ -25,6 +25,8 @@ VAE_PREFIX = "first_stage_model."
 CLIP_PREFIX = "cond_stage_model.transformer.text_model."  # SD1: OpenAI CLIP via transformers
 OPENCLIP_PREFIX = "cond_stage_model.model."  # SD2: OpenCLIP ViT-H text tower
 SDXL_PREFIX = "conditioner.embedders."
+SDXL_CLIP_PREFIX = "conditioner.embedders.0.transformer.text_model."  # SDXL TE1: OpenAI CLIP ViT-L, HF names
+SDXL_OPENCLIP_PREFIX = "conditioner.embedders.1.model."  # SDXL TE2: OpenCLIP ViT-bigG, OpenCLIP names
 
 
 class LayoutError(UserError, ValueError):
@@ -74,11 +76,12 @@ def _has_attention(block_type: str) -> bool:
 
 
 def unet_rules(config: Mapping) -> list[_Rule]:
-    """Prefix rules for a UNet2DConditionModel with the given config (SD1/SD2 block structure).
+    """Prefix rules for a UNet2DConditionModel with the given config (SD1/SD2/SDXL block structure).
 
     LDM numbers blocks flatly: ``input_blocks.0`` is conv_in, then for each down block ``layers_per_block``
     (resnet, attention) pairs followed by one downsampler block; each up block has ``layers_per_block + 1``
     pairs and its upsampler sits after the attention (``.2``) or, without attention, after the resnet (``.1``).
+    SDXL's size/pooled-text embedding (``add_embedding``) is the original's ``label_emb.0``.
     """
     layers = int(config["layers_per_block"])
     down_types = list(config["down_block_types"])
@@ -87,6 +90,8 @@ def unet_rules(config: Mapping) -> list[_Rule]:
     rules = [
         _Rule("time_embedding.linear_1.", "time_embed.0."),
         _Rule("time_embedding.linear_2.", "time_embed.2."),
+        _Rule("add_embedding.linear_1.", "label_emb.0.0."),
+        _Rule("add_embedding.linear_2.", "label_emb.0.2."),
         _Rule("conv_in.", "input_blocks.0.0."),
         _Rule("conv_norm_out.", "out.0."),
         _Rule("conv_out.", "out.2."),
@@ -111,6 +116,22 @@ def unet_rules(config: Mapping) -> list[_Rule]:
             slot = 2 if _has_attention(up_types[i]) else 1
             rules.append(_Rule(f"up_blocks.{i}.upsamplers.0.", f"output_blocks.{i * (layers + 1) + layers}.{slot}."))
     return rules
+
+
+def unet_module_namer(config: Mapping) -> Callable[[str], str]:
+    """A function from a diffusers UNet module path (``down_blocks.1.attentions.0.proj_in``) to the module's
+    path in the original layout (``input_blocks.4.1.proj_in``): what SDXL LoRA files name modules after.
+    LayoutError for a path no rule covers."""
+    rules = unet_rules(config)
+
+    def name(path: str) -> str:
+        key = path + "."
+        rule = next((r for r in rules if key.startswith(r.src)), None)
+        if rule is None:
+            raise LayoutError(f"UNet module {path!r} has no place in the original SD layout")
+        return rule.convert(key[len(rule.src):]).rstrip(".")
+
+    return name
 
 
 def vae_rules(config: Mapping) -> list[_Rule]:
@@ -194,8 +215,9 @@ def _strip_text_model(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch
     return {k.removeprefix("text_model."): v for k, v in state_dict.items() if not k.endswith("position_ids")}
 
 
-def clip_text_to_ldm(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """SD1 text encoder → ``cond_stage_model.transformer.text_model.*`` (the original's own CLIP names).
+def clip_text_to_ldm(state_dict: Mapping[str, torch.Tensor], prefix: str = CLIP_PREFIX) -> dict[str, torch.Tensor]:
+    """SD1 text encoder (SDXL's first) → ``cond_stage_model.transformer.text_model.*`` (SDXL: ``prefix``), the
+    original's own CLIP names.
 
     ``position_ids`` is written too: older transformers, which A1111 still uses, kept it in the state dict.
     """
@@ -203,22 +225,29 @@ def clip_text_to_ldm(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.
     unknown = [k for k in flat if not _CLIP_KEYS.fullmatch(k)]
     if unknown:
         raise LayoutError(f"text encoder: unexpected CLIP weights {unknown[:3]}; is this a CLIPTextModel?")
-    out = {CLIP_PREFIX + k: v for k, v in flat.items()}
+    out = {prefix + k: v for k, v in flat.items()}
     positions = flat["embeddings.position_embedding.weight"].shape[0]
-    out[CLIP_PREFIX + "embeddings.position_ids"] = torch.arange(positions, dtype=torch.int64).unsqueeze(0)
+    out[prefix + "embeddings.position_ids"] = torch.arange(positions, dtype=torch.int64).unsqueeze(0)
     return out
 
 
-def openclip_text_to_ldm(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """SD2 text encoder → OpenCLIP ``cond_stage_model.model.*`` with q/k/v fused into ``in_proj_*``.
+def openclip_text_to_ldm(state_dict: Mapping[str, torch.Tensor],
+                         prefix: str = OPENCLIP_PREFIX) -> dict[str, torch.Tensor]:
+    """SD2 text encoder (SDXL's second) → OpenCLIP ``cond_stage_model.model.*`` (SDXL: ``prefix``) with
+    q/k/v fused into ``in_proj_*``.
 
     SD2 uses the penultimate of OpenCLIP's 24 layers, so diffusers models hold 23 and the last block (and
     the unused ``text_projection``) cannot be written; the SD2 readers load such files without them.
+    SDXL's CLIPTextModelWithProjection has all its layers and a projection: OpenCLIP stores that as the
+    matrix the pooled state is multiplied by (``x @ text_projection``), the transpose of the Linear weight.
     """
     flat = _strip_text_model(state_dict)
     out: dict[str, torch.Tensor] = {}
     qkv: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
     for key, tensor in flat.items():
+        if key == "text_projection.weight":
+            out[prefix + "text_projection"] = tensor.T.contiguous()
+            continue
         match = _QKV.fullmatch(key)
         if match:
             layer, which, kind = match.groups()
@@ -226,7 +255,7 @@ def openclip_text_to_ldm(state_dict: Mapping[str, torch.Tensor]) -> dict[str, to
             continue
         for pattern, template in _OPENCLIP_TABLE:
             if pattern.fullmatch(key):
-                out[OPENCLIP_PREFIX + pattern.sub(template, key)] = tensor
+                out[prefix + pattern.sub(template, key)] = tensor
                 break
         else:
             raise LayoutError(f"text encoder: unexpected CLIP weight {key!r}; is this a CLIPTextModel?")
@@ -234,7 +263,7 @@ def openclip_text_to_ldm(state_dict: Mapping[str, torch.Tensor]) -> dict[str, to
         if set(parts) != {"q", "k", "v"}:
             raise LayoutError(f"text encoder layer {layer}: q/k/v {kind} incomplete (have {sorted(parts)})")
         fused = torch.cat([parts["q"], parts["k"], parts["v"]], dim=0)
-        out[f"{OPENCLIP_PREFIX}transformer.resblocks.{layer}.attn.in_proj_{kind}"] = fused
+        out[f"{prefix}transformer.resblocks.{layer}.attn.in_proj_{kind}"] = fused
     return out
 
 

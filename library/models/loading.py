@@ -15,26 +15,29 @@ from library.models.single_file import load_single_file
 _OVERRIDE_HINT = "set model.v_parameterization to override"
 
 
-def _load(path: str, config_dir: str | None, dtype: torch.dtype) -> tuple[ModelParts, str]:
+def _load(path: str, config_dir: str | None, dtype: torch.dtype) -> tuple[ModelParts, str, str]:
+    """(parts, how the prediction type was decided, what kind of source it was)."""
     if path.startswith(BUILTIN_PREFIX):
-        return build_builtin(path), "from the built-in config"
+        return build_builtin(path), "from the built-in config", "built-in model"
     target = Path(path).expanduser()
     if not target.exists():
         folder = cached_hub_folder(path)
         assert folder is not None  # model_path_problem accepted it
         parts, reason = load_diffusers_folder(folder, dtype)
-        parts.source = path
+        parts.source, form = path, "diffusers folder in the Hugging Face cache"
     elif target.is_dir():
-        parts, reason = load_diffusers_folder(target, dtype)
+        (parts, reason), form = load_diffusers_folder(target, dtype), "diffusers folder"
     else:
         parts, reason = load_single_file(target, Path(config_dir) if config_dir else None, dtype)
-    return parts, reason or "assumed (the model gives no prediction type)"
+        form = "single file"
+    return parts, reason or "assumed (the model gives no prediction type)", form
 
 
 def load_model(path: str, v_parameterization: bool | None = None, config_dir: str | None = None,
                dtype: torch.dtype = torch.float32) -> ModelParts:
     """Load a base model from "builtin:NAME", a diffusers folder, a single .safetensors/.ckpt file or a
-    locally cached hub id. Prints one line saying what was loaded and how the prediction type was decided.
+    locally cached hub id. The family (SD 1.x, SD 2.x, SDXL) is told from the configs or the weights' names;
+    one printed line says what was found and how the prediction type was decided.
 
     v_parameterization: None = auto-detect (folder scheduler config; for single files our metadata, then an
     A1111 ``<stem>.yaml`` beside the file, else epsilon). config_dir: a diffusers folder whose configs
@@ -43,7 +46,7 @@ def load_model(path: str, v_parameterization: bool | None = None, config_dir: st
     problem = model_path_problem(path)
     if problem:
         raise ModelLoadError(problem)
-    parts, reason = _load(path, config_dir, dtype)
+    parts, reason, form = _load(path, config_dir, dtype)
     if v_parameterization is not None:
         reason = "as set by model.v_parameterization"
         if v_parameterization != parts.v_prediction:
@@ -53,5 +56,7 @@ def load_model(path: str, v_parameterization: bool | None = None, config_dir: st
         reason = f"{reason}; {_OVERRIDE_HINT}"
     parts.to(dtype=dtype)  # a no-op where the loader already produced dtype
     kind = "v-prediction" if parts.v_prediction else "epsilon prediction"
-    print(f"Model: {parts.source} ({parts.family.name}, {kind} {reason})")
+    encoders = len(parts.text_encoders)
+    found = f"{parts.family.label} {form}, {encoders} text encoder{'s' if encoders > 1 else ''}"
+    print(f"Model: {parts.source} ({found}; {kind} {reason})")
     return parts

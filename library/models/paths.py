@@ -8,7 +8,7 @@ from pathlib import Path
 from library.errors import UserError
 
 BUILTIN_PREFIX = "builtin:"
-BUILTIN_MODELS: tuple[str, ...] = ("tiny-sd15", "tiny-sd2")
+BUILTIN_MODELS: tuple[str, ...] = ("tiny-sd15", "tiny-sd2", "tiny-sdxl")
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth")
 CONFIG_ROOT = Path(__file__).resolve().parent / "model_configs"
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")

@@ -73,6 +73,9 @@ def _family_of(path: Path, keys: list[str]) -> ModelFamily:
     family = family_for_ldm_keys(keys)
     if family is not None:
         return family
+    if any(k.startswith("conditioner.embedders.0.model.") for k in keys):
+        raise ModelLoadError(f"{path}: an SDXL refiner (its only text encoder is OpenCLIP's); Kiln trains "
+                             f"{supported_labels()} (SDXL: the base model).")
     if any(k.startswith((layout.SDXL_PREFIX, "cond_stage_model.")) for k in keys):
         raise ModelLoadError(f"{path}: a checkpoint of an unsupported model family (text encoder keys "
                              f"{next(k for k in keys if k.startswith(('conditioner.', 'cond_stage_model.')))!r}); "

@@ -1,4 +1,5 @@
-"""Textual inversion's trained tensor: new token vectors put in place by a forward hook (a `Trainable`)."""
+"""Textual inversion's trained tensors: new token vectors, one set per text encoder (SDXL has two), put in
+place by forward hooks (a `Trainable`)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -11,62 +12,80 @@ from library.training.checkpoints import Progress
 
 
 class EmbeddingTrainable:
-    """The embedding's vectors [n, dim] are the only trained tensor.
+    """The embedding's vectors, [n, dim] per text encoder, are the only trained tensors.
 
-    The text encoder's embedding matrix is never a parameter: a forward hook on get_input_embeddings() puts
-    these vectors in place of the new tokens' rows. So no other row can move (no gradient, weight decay or
-    optimizer state ever touches the matrix), and the optimizer state has A1111's shape (one [n, dim]
-    tensor), which keeps `.optim` files interchangeable with A1111's."""
+    No text encoder's embedding matrix is ever a parameter: a forward hook on each get_input_embeddings() puts
+    the vectors in place of the new tokens' rows. So no other row can move (no gradient, weight decay or
+    optimizer state ever touches a matrix), and with one text encoder the optimizer state has A1111's shape
+    (one [n, dim] tensor), which keeps `.optim` files interchangeable with A1111's. Vectors are kept by their
+    file key (TextEncoderSlot.embedding_key: "emb_params", or SDXL's "clip_l" and "clip_g")."""
 
-    trains_text_encoder = True  # gradients flow through the frozen text encoder into the vectors
+    trains_text_encoder = True  # gradients flow through the frozen text encoders into the vectors
 
-    def __init__(self, parts: ModelParts, name: str, vectors: torch.Tensor, token_ids: list[int], lr: float,
-                 file_format: str = "pt", save_dtype: torch.dtype = torch.float32, checkpoint_hash: str | None = None):
+    def __init__(self, parts: ModelParts, name: str, vectors: torch.Tensor | list[torch.Tensor], token_ids: list[int],
+                 lr: float, file_format: str = "pt", save_dtype: torch.dtype = torch.float32,
+                 checkpoint_hash: str | None = None):
+        vectors = [vectors] if isinstance(vectors, torch.Tensor) else list(vectors)
+        if len(vectors) != len(parts.text_encoders):
+            raise ValueError(f"{len(vectors)} vector sets for {len(parts.text_encoders)} text encoders")
         self.parts = parts
         self.name = name
         self.token_ids = list(token_ids)
         self.lr = lr
+        self.keys = [slot.embedding_key for slot in parts.family.text_encoders]
         self.artifact_suffix = f".{file_format}"
+        # A1111's log folder keeps .pt copies; a two-encoder embedding has no .pt form
+        self.copy_suffix = ".pt" if len(vectors) == 1 else ".safetensors"
         self.save_dtype = save_dtype
         self.checkpoint_name = Path(parts.source).stem if parts.source else None
         self.checkpoint_hash = checkpoint_hash  # A1111's short hash of the model file (its sd_checkpoint)
-        self.vec = torch.nn.Parameter(vectors.detach().clone().float())
+        self.vecs = [torch.nn.Parameter(v.detach().clone().float()) for v in vectors]
+        self.vec = self.vecs[0]
         for module in parts.networks():
             module.requires_grad_(False)
-        layer = parts.text_encoder.get_input_embeddings()
-        self._rows = torch.full((layer.num_embeddings,), -1, dtype=torch.long)
-        self._rows[self.token_ids] = torch.arange(len(self.token_ids))
-        self._handle = layer.register_forward_hook(self._substitute)
+        self._rows, self._handles = [], []
+        for index, encoder in enumerate(parts.text_encoders):
+            layer = encoder.get_input_embeddings()
+            rows = torch.full((layer.num_embeddings,), -1, dtype=torch.long)
+            rows[self.token_ids] = torch.arange(len(self.token_ids))
+            self._rows.append(rows)
+            self._handles.append(layer.register_forward_hook(self._substitute_for(index)))
         self.sync_rows()
 
-    def _substitute(self, module, inputs, output: torch.Tensor) -> torch.Tensor:
-        rows = self._rows.to(inputs[0].device)[inputs[0]]
-        vectors = self.vec.to(output.device, output.dtype)[rows.clamp(min=0)]
-        return torch.where((rows >= 0).unsqueeze(-1), vectors, output)
+    def _substitute_for(self, index: int):
+        def substitute(module, inputs, output: torch.Tensor) -> torch.Tensor:
+            rows = self._rows[index].to(inputs[0].device)[inputs[0]]
+            vectors = self.vecs[index].to(output.device, output.dtype)[rows.clamp(min=0)]
+            return torch.where((rows >= 0).unsqueeze(-1), vectors, output)
+
+        return substitute
 
     def sync_rows(self) -> None:
-        """Copy the vectors into the matrix rows, so the text encoder holds them even without the hook."""
-        weight = self.parts.text_encoder.get_input_embeddings().weight
-        with torch.no_grad():
-            weight[self.token_ids] = self.vec.detach().to(weight.device, weight.dtype)
+        """Copy the vectors into the matrix rows, so the text encoders hold them even without the hooks."""
+        for encoder, vec in zip(self.parts.text_encoders, self.vecs):
+            weight = encoder.get_input_embeddings().weight
+            with torch.no_grad():
+                weight[self.token_ids] = vec.detach().to(weight.device, weight.dtype)
 
     def remove(self) -> None:
-        """Detach the hook (the rows keep the last synced vectors)."""
+        """Detach the hooks (the rows keep the last synced vectors)."""
         self.sync_rows()
-        self._handle.remove()
+        for handle in self._handles:
+            handle.remove()
 
     def param_groups(self) -> list[dict]:
-        return [{"params": [self.vec], "lr": self.lr, "name": "embedding"}]
+        return [{"params": list(self.vecs), "lr": self.lr, "name": "embedding"}]
 
     def set_train(self, training: bool) -> None:
         pass  # nothing trained has dropout; the frozen models stay in eval mode, as in A1111
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return {"emb_params": self.vec.detach().clone()}
+        return {key: vec.detach().clone() for key, vec in zip(self.keys, self.vecs)}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         with torch.no_grad():
-            self.vec.copy_(state["emb_params"].to(self.vec.device, self.vec.dtype))
+            for key, vec in zip(self.keys, self.vecs):
+                vec.copy_(state[key].to(vec.device, vec.dtype))
         self.sync_rows()
 
     def after_backward(self) -> None:
@@ -74,8 +93,10 @@ class EmbeddingTrainable:
 
     def embedding(self, name: str, step: int) -> Embedding:
         """The vectors as saved (in the save precision, back in fp32), so checksums match the file."""
-        vectors = self.vec.detach().cpu().to(self.save_dtype).float()
-        return Embedding(name, vectors, step, self.checkpoint_hash, self.checkpoint_name)
+        saved = {key: vec.detach().cpu().to(self.save_dtype).float() for key, vec in zip(self.keys, self.vecs)}
+        embedding = Embedding.of_encoders(name, saved, step, self.checkpoint_name)
+        embedding.sd_checkpoint = self.checkpoint_hash
+        return embedding
 
     def save(self, path: Path, progress: Progress) -> None:
         self.sync_rows()

@@ -1,8 +1,11 @@
 """Textual-inversion embeddings: new tokens in the tokenizer, their vectors, and the files other tools load.
 
 Files: A1111 `.pt` (`string_to_param`), kohya `.safetensors` (`emb_params`), diffusers `{token: tensor}`
-and A1111's PNG `sd-ti-embedding` text chunk. A multi-vector embedding named `kiln` is the tokens
-`kiln kiln_1 kiln_2 ...` (diffusers' convention); prompts name it once and `expand_name` spells it out.
+and A1111's PNG `sd-ti-embedding` text chunk. SDXL embeddings hold one set of vectors per text encoder,
+`{"clip_l": [n, 768], "clip_g": [n, 1280]}` (safetensors, as sd-scripts writes them and A1111, ComfyUI and
+diffusers read them); A1111's `.pt` layout has no place for a second set. A multi-vector embedding named
+`kiln` is the tokens `kiln kiln_1 kiln_2 ...` (diffusers' convention); prompts name it once and
+`expand_name` spells it out.
 """
 from __future__ import annotations
 
@@ -32,19 +35,53 @@ class EmbeddingError(UserError, ValueError):
 
 @dataclass
 class Embedding:
-    """One embedding: its name (the trigger word) and vectors [n, dim], plus the A1111 bookkeeping fields."""
+    """One embedding: its name (the trigger word) and vectors [n, dim], plus the A1111 bookkeeping fields.
+    A two-encoder (SDXL) embedding also has `per_encoder`, its vectors by file key ({"clip_l", "clip_g"});
+    `vectors` is then the first of them."""
 
     name: str
     vectors: torch.Tensor
     step: int | None = None
     sd_checkpoint: str | None = None
     sd_checkpoint_name: str | None = None
+    per_encoder: dict[str, torch.Tensor] | None = None
+
+    @classmethod
+    def of_encoders(cls, name: str, tensors: dict[str, torch.Tensor], step: int | None = None,
+                    sd_checkpoint_name: str | None = None) -> "Embedding":
+        """An embedding from {file key: vectors}: one key ("emb_params") is a one-encoder embedding."""
+        if len(tensors) == 1:
+            return cls(name, next(iter(tensors.values())), step, None, sd_checkpoint_name)
+        return cls(name, next(iter(tensors.values())), step, None, sd_checkpoint_name, dict(tensors))
+
+    def tensors_for(self, keys: list[str]) -> list[torch.Tensor]:
+        """The vectors for text encoders whose file keys are `keys` (TextEncoderSlot.embedding_key), in order;
+        EmbeddingError when the embedding was made for another number of text encoders."""
+        if self.per_encoder is None:
+            if len(keys) == 1:
+                return [self.vectors]
+            raise EmbeddingError(f"{self.name}: a one-text-encoder (SD 1.x/2.x) embedding; this model has "
+                                 f"{len(keys)} text encoders ({', '.join(keys)}), so it needs an embedding trained "
+                                 "for it")
+        missing = [key for key in keys if key not in self.per_encoder]
+        if missing:
+            raise EmbeddingError(f"{self.name}: holds {', '.join(self.per_encoder)} but this model's text encoders "
+                                 f"need {', '.join(keys)}: an embedding of another model family")
+        return [self.per_encoder[key] for key in keys]
+
+    def checksum_values(self) -> torch.Tensor:
+        """Every vector value in one tensor (what an `.optim` checksum covers)."""
+        if self.per_encoder is None:
+            return self.vectors
+        return torch.cat([v.reshape(-1) for v in self.per_encoder.values()])
 
     def a1111_dict(self) -> dict:
-        """The dict A1111 saves in `.pt` files and in the PNG chunk."""
+        """The dict A1111 saves in `.pt` files and in the PNG chunk; for SDXL its `clip_l`/`clip_g` layout (A1111
+        reads a chunk's dict like a file's)."""
+        vectors = dict(self.per_encoder) if self.per_encoder else {
+            "string_to_token": {"*": _PT_TOKEN_ID}, "string_to_param": {"*": self.vectors}}
         return {
-            "string_to_token": {"*": _PT_TOKEN_ID},
-            "string_to_param": {"*": self.vectors},
+            **vectors,
             "name": self.name,
             "step": self.step,
             "sd_checkpoint": self.sd_checkpoint,
@@ -97,17 +134,25 @@ def init_vectors(tokenizer, text_encoder, init_text: str, vectors: int) -> tuple
 
 
 def save_embedding(embedding: Embedding, path: Path, dtype: torch.dtype = torch.float32) -> None:
-    """Write `.pt` (A1111) or `.safetensors` (`emb_params`, as kohya; A1111 and diffusers load it)."""
+    """Write `.pt` (A1111) or `.safetensors` (`emb_params`, as kohya; SDXL `clip_l` + `clip_g`; A1111, ComfyUI and
+    diffusers load both)."""
     path = Path(path)
-    vectors = embedding.vectors.detach().to("cpu", dtype).contiguous()
-    stored = Embedding(embedding.name, vectors, embedding.step, embedding.sd_checkpoint, embedding.sd_checkpoint_name)
+    cast = lambda t: t.detach().to("cpu", dtype).contiguous()  # noqa: E731
+    tensors = {k: cast(v) for k, v in (embedding.per_encoder or {"emb_params": embedding.vectors}).items()}
+    vectors = next(iter(tensors.values()))
+    stored = Embedding(embedding.name, vectors, embedding.step, embedding.sd_checkpoint, embedding.sd_checkpoint_name,
+                       tensors if embedding.per_encoder else None)
     suffix = path.suffix.lower()
     if suffix == ".pt":
+        if stored.per_encoder:
+            raise EmbeddingError(f"{path}: A1111's .pt embedding holds one text encoder's vectors and has no form for "
+                                 f"SDXL's two ({', '.join(tensors)}); save it as .safetensors (embedding.format = "
+                                 "\"safetensors\"), the SDXL layout A1111, ComfyUI and diffusers load")
         write_atomically(path, lambda tmp: torch.save(stored.a1111_dict(), tmp))
     elif suffix == ".safetensors":
         metadata = {"name": stored.name, "step": str(stored.step or 0), "vectors": str(vectors.shape[0]),
                     "sd_checkpoint_name": stored.sd_checkpoint_name or ""}
-        write_atomically(path, lambda tmp: save_file({"emb_params": vectors}, tmp, metadata=metadata))
+        write_atomically(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
     else:
         raise EmbeddingError(f"{path}: embeddings are saved as .pt or .safetensors, not {path.suffix!r}")
 
@@ -126,8 +171,12 @@ def embedding_from_dict(data: dict, path: Path, default_name: str) -> Embedding:
             raise EmbeddingError(f"{path}: holds {len(params)} embeddings; one per file is supported")
         return Embedding(str(data.get("name") or default_name), _vectors(next(iter(params.values())), path),
                          data.get("step"), data.get("sd_checkpoint"), data.get("sd_checkpoint_name"))
-    if "clip_l" in data and "clip_g" in data:
-        raise EmbeddingError(f"{path}: an SDXL embedding (clip_l + clip_g); this trainer handles SD 1.x/2.x")
+    if "clip_l" in data or "clip_g" in data:  # SDXL (sd-scripts reads a file with either half)
+        halves = {key: _vectors(data[key], path) for key in ("clip_l", "clip_g") if key in data}
+        if len({t.shape[0] for t in halves.values()}) != 1:
+            raise EmbeddingError(f"{path}: clip_l and clip_g hold different numbers of vectors")
+        return Embedding(str(data.get("name") or default_name), next(iter(halves.values())), data.get("step"),
+                         data.get("sd_checkpoint"), data.get("sd_checkpoint_name"), halves)
     if "emb_params" in data:
         return Embedding(default_name, _vectors(data["emb_params"], path))
     tensors = {k: v for k, v in data.items() if isinstance(v, torch.Tensor)}
@@ -160,7 +209,7 @@ def load_embedding(path: str | Path) -> Embedding:
             data = {key: handle.get_tensor(key) for key in handle.keys()}
             metadata = handle.metadata() or {}
         embedding = embedding_from_dict(data, path, path.stem)
-        if "emb_params" in data:
+        if "emb_params" in data or "clip_l" in data or "clip_g" in data:
             embedding.step = int(metadata["step"]) if metadata.get("step", "").isdigit() else None
             embedding.sd_checkpoint_name = metadata.get("sd_checkpoint_name") or None
         return embedding

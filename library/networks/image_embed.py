@@ -70,7 +70,9 @@ def _block(nibbles: np.ndarray, height: int, shades: np.ndarray) -> Image.Image:
 def embed_in_pixels(image: Image.Image, data: dict) -> Image.Image:
     """`image` with `data` (an A1111 embedding dict) stored in blocks beside it, as A1111 writes them."""
     payload = np.frombuffer(zlib.compress(_json(data), level=9), np.uint8)
-    first = next(iter(data["string_to_param"].values()))
+    # the dots' shades follow the first vector: A1111's "string_to_param", or SDXL's "clip_l"/"clip_g" tensors
+    tensors = data.get("string_to_param") or {key: value for key, value in data.items() if hasattr(value, "detach")}
+    first = next(iter(tensors.values()))
     row = np.asarray(first.detach().cpu().float()[0][:1024].tolist(), dtype=np.float64)
     shades = (np.abs(row) / max(float(np.max(np.abs(row))), 1e-12) * 255).astype(np.uint8)
     height = image.size[1]

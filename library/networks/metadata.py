@@ -43,7 +43,7 @@ def model_metadata(parts: ModelParts, title: str, resolution: int | None = None)
         "ss_sd_model_name": Path(parts.source).name,
         "modelspec.sai_model_spec": "1.0.0",
         "modelspec.architecture": f"{architecture}/lora",
-        "modelspec.implementation": "diffusers",
+        "modelspec.implementation": parts.family.modelspec_implementation,
         "modelspec.title": title,
         "modelspec.prediction_type": "v" if parts.v_prediction else "epsilon",
     }
@@ -81,7 +81,7 @@ def training_metadata(run: ResolvedRun, parts: ModelParts, lrs: dict[str, float]
     "text_encoder"); `network`: the network kind's ss_network_* entries."""
     config, scan, plan = run.config, run.scan, run.plan
     opt, train, ds = config.optimizer, config.train, config.dataset
-    text_rates = [str(lr) for group, lr in lrs.items() if group != "unet"]
+    text_rates = {group: lr for group, lr in lrs.items() if group != "unet"}
     values = {
         "ss_session_id": str(uuid.uuid4().int % 2**31),
         "ss_training_started_at": str(int(time.time())),
@@ -89,7 +89,9 @@ def training_metadata(run: ResolvedRun, parts: ModelParts, lrs: dict[str, float]
         **network,
         "ss_learning_rate": str(opt.lr),
         "ss_unet_lr": str(lrs["unet"]) if "unet" in lrs else "0",
-        "ss_text_encoder_lr": ",".join(text_rates) if text_rates else "0",
+        # one number, as sd-scripts writes it (its SD/SDXL LoRA has one rate for every text encoder; viewers
+        # read a float): the first encoder's; kiln.text_encoder_lr keeps each encoder's own
+        "ss_text_encoder_lr": str(next(iter(text_rates.values()))) if text_rates else "0",
         "ss_optimizer": f"{opt.name}({json.dumps(opt.args)})" if opt.args else opt.name,
         "ss_lr_scheduler": opt.scheduler,
         "ss_lr_warmup_steps": str(run.warmup_steps),
@@ -123,4 +125,6 @@ def training_metadata(run: ResolvedRun, parts: ModelParts, lrs: dict[str, float]
         **model_metadata(parts, config.save.name, ds.resolution),
         "modelspec.date": datetime.datetime.now().replace(microsecond=0).isoformat(),
     }
+    if len(text_rates) > 1:
+        values["kiln.text_encoder_lr"] = json.dumps(text_rates)
     return values

@@ -1,8 +1,8 @@
 """Which modules of a model a network adapts, and the kohya names they carry in files.
 
 Names come from the model family (library/models/families/): SD1/2 UNet modules are named after their diffusers
-paths, text-encoder modules after the `text_model.` paths every tool looks up — never derived from today's
-transformers attribute layout.
+paths, SDXL's after the original (SGM) block paths, text-encoder modules after the `text_model.` paths every
+tool looks up — never derived from today's transformers attribute layout.
 """
 from __future__ import annotations
 
@@ -49,7 +49,7 @@ def find_targets(model: nn.Module, name_of: Callable[[str], str], blocks: tuple[
 
 def unet_targets(parts: ModelParts, with_conv: bool) -> list[Target]:
     """The UNet's attention/feed-forward layers, plus its ResNet convs with `with_conv` (LoCon)."""
-    return find_targets(parts.unet, parts.family.unet_kohya_name, UNET_ATTENTION_BLOCKS,
+    return find_targets(parts.unet, parts.family.unet_kohya_namer(parts.unet.config), UNET_ATTENTION_BLOCKS,
                         UNET_CONV_BLOCKS if with_conv else ())
 
 
@@ -75,7 +75,7 @@ def network_targets(parts: ModelParts, groups: Container[str], with_conv: bool
 def module_map(parts: ModelParts) -> dict[str, nn.Module]:
     """kohya name → module for every Linear and Conv2d of the UNet and text encoders (what files may adapt)."""
     modules: dict[str, nn.Module] = {}
-    named = [(parts.unet, parts.family.unet_kohya_name)]
+    named = [(parts.unet, parts.family.unet_kohya_namer(parts.unet.config))]
     for slot, encoder in zip(parts.family.text_encoders, parts.text_encoders):
         named.append((encoder, lambda path, slot=slot: parts.family.text_encoder_kohya_name(slot, path)))
     for model, name_of in named:

@@ -24,9 +24,9 @@ CSV_NAME = "textual_inversion_loss.csv"
 
 
 class A1111Log(TrainerHooks):
-    """A1111's log layout under <logging.log_dir>/<YYYY-MM-DD>/<name>/: embeddings/<name>-<step>.pt (+ .optim),
-    images/<name>-<step>.png, image_embeddings/<name>-<step>.png and textual_inversion_loss.csv. <step> is
-    the number of optimizer steps done."""
+    """A1111's log layout under <logging.log_dir>/<YYYY-MM-DD>/<name>/: embeddings/<name>-<step>.pt (+ .optim;
+    .safetensors for SDXL, which .pt cannot hold), images/<name>-<step>.png, image_embeddings/<name>-<step>.png
+    and textual_inversion_loss.csv. <step> is the number of optimizer steps done."""
 
     def __init__(self, config, trainable: EmbeddingTrainable, plan: TrainingPlan):
         self.config = config
@@ -50,7 +50,7 @@ class A1111Log(TrainerHooks):
         """`<embedding>.optim` beside every saved embedding (intermediate, interrupted, final), so A1111's way of
         resuming — from the embedding and its .optim — continues exactly from any of them."""
         if self.config.embedding.save_optimizer_state:
-            vectors = self.trainable.embedding(self.name, trainer.progress.global_step).vectors
+            vectors = self.trainable.embedding(self.name, trainer.progress.global_step).checksum_values()
             save_optimizer_state(artifact, vectors, loop.optimizer.state_dict(), self.optimizer_name)
 
     def after_train(self, trainer: Trainer, loop: LoopParts, final: Path) -> None:
@@ -71,11 +71,11 @@ class A1111Log(TrainerHooks):
 
     def save_copy(self, step: int, loop: LoopParts) -> Path:
         name = f"{self.name}-{step}"
-        path = self.folder / "embeddings" / f"{name}.pt"
+        path = self.folder / "embeddings" / f"{name}{self.trainable.copy_suffix}"
         embedding = self.trainable.embedding(name, step)
         save_embedding(embedding, path, self.trainable.save_dtype)
         if self.config.embedding.save_optimizer_state:
-            save_optimizer_state(path, embedding.vectors, loop.optimizer.state_dict(), self.optimizer_name)
+            save_optimizer_state(path, embedding.checksum_values(), loop.optimizer.state_dict(), self.optimizer_name)
         return path
 
     def preview_spec(self, step: int, batch: Batch) -> SampleSpec:

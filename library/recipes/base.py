@@ -124,5 +124,18 @@ def part_lr_settings(section: str, values: Any, lr: float, parts: list[str]) -> 
     settings = []
     for part in parts:
         own = getattr(values, f"{part}_lr", None)
-        settings.append(f"{section}.{part}_lr = {own:g}" if own else f"optimizer.lr = {lr:g} (for the {part})")
+        shown = f"[{', '.join(f'{v:g}' for v in own)}]" if isinstance(own, (list, tuple)) else f"{own:g}" if own else ""
+        settings.append(f"{section}.{part}_lr = {shown}" if own else f"optimizer.lr = {lr:g} (for the {part})")
     return settings
+
+
+def model_family(data: dict):
+    """The ModelFamily of the raw config's model.path when it can be told without loading weights, else None
+    (recipes check family-dependent keys with it before any model loads)."""
+    from library.models.detect import family_of_path
+    from library.models.paths import model_path_problem
+
+    path = value_of(data, "model", "path", str)
+    if not path or model_path_problem(path):
+        return None
+    return family_of_path(path)

@@ -85,6 +85,19 @@ def _autocast(device: torch.device, mixed_precision: str):
 
 
 @torch.no_grad()
+def decode_images(pipe, latents: torch.Tensor) -> list:
+    """PIL images from latents as the pipeline decodes them, but never black: under half-precision autocast
+    the original SDXL VAE overflows fp16 (inf/NaN pixels; bf16 has fp32's range and does not), so a decode
+    that is not finite runs again in fp32 with autocast off."""
+    vae = pipe.vae
+    pixels = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample
+    if not torch.isfinite(pixels).all():
+        with torch.autocast(vae.device.type, enabled=False):
+            pixels = vae.float().decode(latents.float() / vae.config.scaling_factor).sample
+    return pipe.image_processor.postprocess(pixels, output_type="pil")
+
+
+@torch.no_grad()
 def generate_class_images(parts: "ModelParts", config, status: ClassImageStatus) -> list[Path]:
     """Generate status.missing images from dreambooth.class_prompt into status.folder (square, at
     dataset.resolution); returns the new image paths."""
@@ -104,13 +117,14 @@ def generate_class_images(parts: "ModelParts", config, status: ClassImageStatus)
             chunk = numbers[start:start + db.class_batch_size]
             generators = [torch.Generator().manual_seed(hash_ints(config.train.seed, n, _SEED_SALT)) for n in chunk]
             with _autocast(device, config.train.mixed_precision):
-                images = pipe(
+                latents = pipe(
                     prompt=[db.class_prompt] * len(chunk),
                     negative_prompt=[db.class_negative_prompt] * len(chunk) if db.class_negative_prompt else None,
                     num_inference_steps=db.class_sampling_steps, guidance_scale=db.class_guidance_scale,
-                    height=ds.resolution, width=ds.resolution, generator=generators, output_type="pil",
+                    height=ds.resolution, width=ds.resolution, generator=generators, output_type="latent",
                     clip_skip=config.model.clip_skip - 1 or None,  # diffusers counts skipped layers from 0
                 ).images
+                images = decode_images(pipe, latents)
             for n, image in zip(chunk, images):
                 stem = status.folder / f"{GENERATED_PREFIX}{n:05d}"
                 caption = stem.with_suffix(caption_extension)

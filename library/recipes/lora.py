@@ -8,7 +8,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from library.config.schema import RunConfig, Section
-from library.recipes.base import Built, Recipe, part_lr_settings, value_of
+from library.recipes.base import Built, Recipe, model_family, part_lr_settings, table, value_of
 
 LYCORIS_TYPES = ("loha", "lokr")
 
@@ -24,7 +24,8 @@ class NetworkSection(Section):
     train_unet: bool = True
     train_text_encoder: bool = True
     unet_lr: float | None = Field(None, gt=0)  # None = optimizer.lr
-    text_encoder_lr: float | None = Field(None, gt=0)
+    # one rate for every text encoder, or one per encoder: SDXL [text_encoder, text_encoder_2]; None = optimizer.lr
+    text_encoder_lr: float | list[float] | None = None
     init_weights: str = ""  # start from an existing network file of the same kind
 
     @model_validator(mode="after")
@@ -46,6 +47,15 @@ class NetworkSection(Section):
                              "network.dropout = 0")
         return self
 
+    @model_validator(mode="after")
+    def _text_encoder_rates(self) -> "NetworkSection":
+        rates = self.text_encoder_lr
+        listed = rates if isinstance(rates, list) else [] if rates is None else [rates]
+        if isinstance(rates, list) and not 1 <= len(rates) <= 2 or any(rate <= 0 for rate in listed):
+            raise ValueError(f"network.text_encoder_lr = {rates}: give one rate > 0, or one per text encoder "
+                             "(SDXL: [text_encoder, text_encoder_2], e.g. [1e-5, 5e-6])")
+        return self
+
 
 class LoraRunConfig(RunConfig):
     trainer_kind = "lora"
@@ -59,6 +69,18 @@ class LoraRecipe(Recipe):
     path_keys = (("network", "init_weights", "file"),)
 
     def environment_problems(self, data: dict) -> list[str]:
+        return self._lokr_factor_problems(data) + self._text_encoder_rate_problems(data)
+
+    def _text_encoder_rate_problems(self, data: dict) -> list[str]:
+        rates, family = table(data, "network").get("text_encoder_lr"), model_family(data)
+        if isinstance(rates, list) and family is not None and rates:
+            try:
+                text_encoder_rates([float(r) for r in rates if isinstance(r, (int, float))], 1.0, family)
+            except ValueError as err:
+                return [str(err)]
+        return []
+
+    def _lokr_factor_problems(self, data: dict) -> list[str]:
         """A LoKr factor must divide every adapted layer's sizes: checked from the model's configs, before the
         weights load (a .ckpt file, whose shapes need unpickling, is checked right after it loads)."""
         factor = value_of(data, "network", "factor", int, -1)
@@ -86,11 +108,15 @@ class LoraRecipe(Recipe):
         net, lr = config.network, config.optimizer.lr
         lrs = {"unet": net.unet_lr or lr} if net.train_unet else {}
         if net.train_text_encoder:
-            lrs["text_encoder"] = net.text_encoder_lr or lr
+            rates = net.text_encoder_lr if isinstance(net.text_encoder_lr, list) else [net.text_encoder_lr]
+            for index, rate in enumerate(rates):  # one rate, or one per text encoder (SDXL)
+                lrs["text_encoder" if index == 0 else f"text_encoder_{index + 1}"] = rate or lr
         return lrs
 
     def lr_settings(self, config: LoraRunConfig) -> list[str]:
-        return part_lr_settings("network", config.network, config.optimizer.lr, list(self.optimizer_lrs(config)))
+        net = config.network
+        parts = [part for part, on in (("unet", net.train_unet), ("text_encoder", net.train_text_encoder)) if on]
+        return part_lr_settings("network", net, config.optimizer.lr, parts)
 
     def save_sizes(self, config: LoraRunConfig, header):
         from library.registry import canonical_optimizer_name
@@ -130,13 +156,26 @@ class LoraRecipe(Recipe):
         net, lr = config.network, config.optimizer.lr
         lrs = {UNET_GROUP: net.unet_lr or lr} if net.train_unet else {}
         if net.train_text_encoder:
-            lrs.update({slot.group: net.text_encoder_lr or lr for slot in parts.family.text_encoders})
+            lrs.update(text_encoder_rates(net.text_encoder_lr, lr, parts.family))
         kind = kind_named(net.type)
         spec = NetworkSpec(net.rank, net.alpha, net.conv_rank, net.conv_alpha, net.dropout, net.factor)
         metadata = training_metadata(run, parts, lrs, kind.metadata(spec))
         trainable = NetworkTrainable(parts, kind, spec, lrs, config.train.seed, run.save_dtype, metadata)
         lines = [trainable.start_from(net.init_weights)] if net.init_weights else []
         return Built(trainable, lines=lines + [trainable.describe()])
+
+
+def text_encoder_rates(value: float | list[float] | None, default: float, family) -> dict[str, float]:
+    """{group: rate} per text encoder from network.text_encoder_lr (one rate for all, or one each).
+    ValueError when a list does not have one rate per encoder of this model."""
+    slots = family.text_encoders
+    rates = value if isinstance(value, list) else [default if value is None else value]
+    if len(rates) == 1:
+        rates = rates * len(slots)
+    if len(rates) != len(slots):
+        raise ValueError(f"network.text_encoder_lr has {len(rates)} rates but this {family.label} model has "
+                         f"{len(slots)} text encoder(s): give one rate, or one per encoder")
+    return {slot.group: rate for slot, rate in zip(slots, rates)}
 
 
 RECIPE = LoraRecipe()

@@ -116,10 +116,10 @@ def _training_data(config: RunConfig, scan: DatasetScan, notes: list[str]
             notes.append(message)
         reg = balance_reg_items(scan.num_train_samples(), reg)
     items = scan.train_items + reg
-    sizes, buckets = None, None
+    sizes = image_sizes = buckets = None
     if ds.enable_buckets:
         buckets = assign_buckets(items, bucket_settings(ds))
-        sizes = buckets.sizes
+        sizes, image_sizes = buckets.sizes, buckets.image_sizes
         notes.extend(buckets.table_lines(items))
     elif ignored := ignored_bucket_keys(ds):
         notes.append(f"{', '.join(ignored)} have no effect while dataset.enable_buckets = false")
@@ -127,7 +127,7 @@ def _training_data(config: RunConfig, scan: DatasetScan, notes: list[str]
     captions = CaptionOptions(ds.caption_prefix, ds.caption_suffix, ds.shuffle_caption, ds.keep_tokens,
                               ds.caption_dropout_rate, ds.caption_tag_dropout_rate)
     return TrainingData(items, captions, ds.resolution, train.batch_size, train.seed, ds.flip_aug, ds.random_crop,
-                        sizes), buckets
+                        sizes, image_sizes), buckets
 
 
 def long_caption_notes(config: RunConfig, recipe: Recipe, scan: DatasetScan) -> list[str]:

@@ -233,6 +233,18 @@ def launch_command(recipe: "Recipe", argv: list[str] | None) -> tuple[str, ...]:
     return (python, script, *args)
 
 
+def resolution_note(resolution: int, parts: "ModelParts") -> str | None:
+    """A note when a released model trains well below the size it was made for (SDXL: 1024)."""
+    from library.models.paths import BUILTIN_PREFIX
+
+    native = parts.family.native_resolution(parts.v_prediction)
+    if parts.source.startswith(BUILTIN_PREFIX) or resolution * 4 > native * 3:
+        return None
+    return (f"note: {parts.family.label} models were trained at {native}x{native}; dataset.resolution = {resolution} "
+            f"trains this one at {resolution * resolution / native ** 2:.0%} of those pixels (set dataset.resolution = "
+            f"{native} unless that is what you want)")
+
+
 def train(recipe: "Recipe", run: "ResolvedRun", parts: "ModelParts") -> int:
     """Build what the recipe trains on the loaded model, then run the shared loop."""
     import dataclasses
@@ -240,6 +252,8 @@ def train(recipe: "Recipe", run: "ResolvedRun", parts: "ModelParts") -> int:
     from library.sampling.preview import with_sampling
     from library.training.trainer import Trainer
 
+    if note := resolution_note(run.config.dataset.resolution, parts):
+        print(note)
     try:
         built = recipe.build(parts, run)
     except ValueError as err:  # a problem only the loaded model shows, e.g. an init file of another rank

@@ -12,7 +12,7 @@ from pydantic import Field, field_validator, model_validator
 from library.config.schema import RunConfig, Section, fill_defaults
 from library.data.captions import FILE_NAME
 from library.networks.embedding_names import name_problem
-from library.recipes.base import Built, PlanChange, Recipe, table, value_of
+from library.recipes.base import Built, PlanChange, Recipe, model_family, table, value_of
 
 
 class EmbeddingSection(Section):
@@ -27,7 +27,8 @@ class EmbeddingSection(Section):
     tag_dropout: float = Field(0.0, ge=0, le=1)  # drop each [filewords] tag with this probability per step
     latent_sampling_method: Literal["once", "deterministic", "random"] = "once"
     use_alpha_weight: bool = False  # PNG transparency weighs the loss (images without alpha weigh 1)
-    format: Literal["pt", "safetensors"] = "pt"
+    # "auto": A1111's .pt for SD 1.x/2.x, .safetensors for SDXL (.pt has no SDXL form)
+    format: Literal["auto", "pt", "safetensors"] = "auto"
     resume: str = ""  # an embedding file (.pt/.safetensors/.png) to continue, with its .optim when present
     save_optimizer_state: bool = True  # write <file>.optim beside saved .pt files, for resume
 
@@ -139,6 +140,12 @@ class TextualInversionRecipe(Recipe):
         template = table(data, "embedding").get("template", "subject_filewords")
         if isinstance(template, (str, list)) and (problem := template_problem(template)):
             problems.append(problem)
+        family = model_family(data)
+        if family is not None and value_of(data, "embedding", "format", str) == "pt":
+            try:
+                _file_format("pt", family)
+            except ValueError as err:
+                problems.append(str(err))
         rate = table(data, "embedding").get("learn_rate", "")
         rate = str(rate) if isinstance(rate, (int, float)) and not isinstance(rate, bool) else rate
         if isinstance(rate, str) and rate.strip():
@@ -224,14 +231,16 @@ class TextualInversionRecipe(Recipe):
         from library.data.prompts import PromptedData, template_lines
         from library.networks.embedding_names import expand_name
         from library.networks.embedding_trainable import EmbeddingTrainable
-        from library.networks.embeddings import add_tokens, init_vectors
         from library.models.hashes import a1111_short_hash
+        from library.networks.embeddings import init_vectors
         from library.recipes.a1111_log import A1111Log
 
         config: TIRunConfig = run.config
         emb, ds = config.embedding, config.dataset
-        dim = parts.text_encoder.get_input_embeddings().weight.shape[1]
-        resumed = _resumed_embedding(config, dim)
+        keys = [slot.embedding_key for slot in parts.family.text_encoders]
+        dims = [encoder.get_input_embeddings().weight.shape[1] for encoder in parts.text_encoders]
+        file_format = _file_format(emb.format, parts.family)
+        resumed = _resumed_embedding(config, keys, dims)
         step = resumed.step or 0 if resumed else 0
         if step >= run.plan.total_steps:
             print(f"{emb.resume} was already trained for {step} steps, at or beyond this run's "
@@ -239,13 +248,16 @@ class TextualInversionRecipe(Recipe):
                   "to continue")
             return None
         if resumed:
-            start, vectors, origin = _start_point(config, resumed, run.plan), resumed.vectors, f"{emb.resume} (step {step})"
+            start, origin = _start_point(config, resumed, run.plan), f"{emb.resume} (step {step})"
+            vectors = resumed.tensors_for(keys)
         else:
             start = None
-            vectors, origin = init_vectors(parts.tokenizer, parts.text_encoder, emb.init_text, emb.vectors)
-        ids = add_tokens(parts.tokenizer, parts.text_encoder, emb.name, emb.vectors)
+            starts = [init_vectors(tokenizer, encoder, emb.init_text, emb.vectors)
+                      for tokenizer, encoder in zip(parts.tokenizers, parts.text_encoders)]
+            vectors, origin = [vec for vec, _ in starts], starts[0][1]
+        ids = _add_tokens(parts, emb.name, emb.vectors)
         lr = _first_rate(run.lr_schedule, step, run.plan.total_steps) or config.optimizer.lr
-        trainable = EmbeddingTrainable(parts, emb.name, vectors, ids, lr, emb.format, run.save_dtype,
+        trainable = EmbeddingTrainable(parts, emb.name, vectors, ids, lr, file_format, run.save_dtype,
                                        a1111_short_hash(config.model.path))
         lines = template_lines(emb.template)
         options = CaptionOptions(ds.caption_prefix, ds.caption_suffix, emb.shuffle_tags, ds.keep_tokens,
@@ -257,7 +269,7 @@ class TextualInversionRecipe(Recipe):
                              f"and no caption mentions {emb.name!r}; use a template with [name], such as "
                              "subject_filewords or \"[name], [filewords]\"")
         hooks = A1111Log(config, trainable, run.plan)
-        described = _describe(config, dim, origin, lines) + [f"A1111 log folder: {hooks.folder}"]
+        described = _describe(config, dims, origin, lines) + [f"A1111 log folder: {hooks.folder}"]
         return Built(trainable, hooks, start, prompted, described,
                      lambda text: expand_name(text, emb.name, emb.vectors))
 
@@ -272,18 +284,44 @@ def _recorded_step(path: str) -> int:
         return 0
 
 
-def _resumed_embedding(config: TIRunConfig, dim: int):
-    """embedding.resume's Embedding (checked against the model's width), or None for a fresh start."""
+def _file_format(setting: str, family) -> str:
+    """embedding.format resolved for the model: "auto" is A1111's .pt where it can hold the embedding."""
+    one_encoder = len(family.text_encoders) == 1
+    if setting == "auto":
+        return "pt" if one_encoder else "safetensors"
+    if setting == "pt" and not one_encoder:
+        raise ValueError(f"embedding.format = \"pt\": A1111's .pt embedding holds one text encoder's vectors and has "
+                         f"no {family.label} form; use \"safetensors\" (or \"auto\"): "
+                         f"{{{', '.join(repr(s.embedding_key) for s in family.text_encoders)}}}, which A1111, ComfyUI "
+                         "and diffusers load")
+    return setting
+
+
+def _add_tokens(parts, name: str, vectors: int) -> list[int]:
+    """The embedding's tokens in every tokenizer (the same ids: they share one vocabulary)."""
+    from library.networks.embeddings import add_tokens
+
+    ids = [add_tokens(tokenizer, encoder, name, vectors)
+           for tokenizer, encoder in zip(parts.tokenizers, parts.text_encoders)]
+    if any(other != ids[0] for other in ids[1:]):
+        raise ValueError(f"the tokenizers gave {name!r} different token ids ({ids}); they must share a vocabulary")
+    return ids[0]
+
+
+def _resumed_embedding(config: TIRunConfig, keys: list[str], dims: list[int]):
+    """embedding.resume's Embedding (checked against the model's text encoders), or None for a fresh start."""
     from library.networks.embeddings import load_embedding
 
     emb = config.embedding
     if not emb.resume:
         return None
     embedding = load_embedding(emb.resume)
-    if tuple(embedding.vectors.shape) != (emb.vectors, dim):
-        raise ValueError(f"embedding.resume: {emb.resume} holds vectors of shape {tuple(embedding.vectors.shape)}, "
-                         f"but this run trains {emb.vectors} vector(s) of width {dim} for this model; set "
-                         f"embedding.vectors = {embedding.vectors.shape[0]} or pick the matching model")
+    for key, dim, vectors in zip(keys, dims, embedding.tensors_for(keys)):
+        if tuple(vectors.shape) != (emb.vectors, dim):
+            where = f" ({key})" if len(keys) > 1 else ""
+            raise ValueError(f"embedding.resume: {emb.resume} holds vectors of shape {tuple(vectors.shape)}{where}, "
+                             f"but this run trains {emb.vectors} vector(s) of width {dim} for this model; set "
+                             f"embedding.vectors = {vectors.shape[0]} or pick the matching model")
     if embedding.step is None:
         print(f"note: {emb.resume} does not record its step; continuing from step 0")
     return embedding
@@ -298,7 +336,7 @@ def _start_point(config: TIRunConfig, resumed, plan):
     from library.training.trainable import StartPoint
 
     step = resumed.step or 0
-    state, message = load_optimizer_state(Path(config.embedding.resume), resumed.vectors,
+    state, message = load_optimizer_state(Path(config.embedding.resume), resumed.checksum_values(),
                                           canonical_optimizer_name(config.optimizer.name))
     print(message)
     per_epoch = plan.steps_per_epoch
@@ -311,14 +349,16 @@ def _first_rate(schedule: str | None, step: int, total_steps: int) -> float | No
     return A1111Schedule(schedule, total_steps, step).rate_at(step) if schedule else None
 
 
-def _describe(config: TIRunConfig, dim: int, origin: str, lines: list[str]) -> list[str]:
+def _describe(config: TIRunConfig, dims: list[int], origin: str, lines: list[str]) -> list[str]:
     from library.networks.embedding_names import token_names
 
     emb, opt = config.embedding, config.optimizer
     rate = f"A1111 schedule {emb.learn_rate!r}" if emb.learn_rate.strip() else f"{opt.lr:g} ({opt.scheduler})"
+    width = " + ".join(map(str, dims)) if len(dims) > 1 else str(dims[0])
+    each = " (one set per text encoder)" if len(dims) > 1 else ""
     described = [
-        f"embedding: {emb.name!r}, {emb.vectors} vector(s) x {dim} = {emb.vectors * dim:,} trained values; "
-        f"prompts use the tokens: {' '.join(token_names(emb.name, emb.vectors))}",
+        f"embedding: {emb.name!r}, {emb.vectors} vector(s) x {width}{each} = {emb.vectors * sum(dims):,} trained "
+        f"values; prompts use the tokens: {' '.join(token_names(emb.name, emb.vectors))}",
         f"start: {origin}",
         f"template: {len(lines)} line(s), e.g. {lines[0]!r}; latent sampling: {emb.latent_sampling_method}"
         + ("; PNG alpha weighs the loss" if emb.use_alpha_weight else ""),

@@ -61,15 +61,18 @@ class Models:
             embedding = self.embedding(settings.embedding, parts)
             token = settings.token or embedding.name
             vectors = embedding.vectors.shape[0]
+            tensors = embedding.tensors_for([slot.embedding_key for slot in parts.family.text_encoders])
             ids = self.token_ids.get(token)
             if ids is None:
-                ids = self.token_ids[token] = add_tokens(parts.tokenizer, parts.text_encoder, token, vectors)
+                ids = self.token_ids[token] = [add_tokens(tokenizer, encoder, token, vectors) for tokenizer, encoder
+                                               in zip(parts.tokenizers, parts.text_encoders)][0]
             if len(ids) != vectors:
                 raise CompareError(f"{settings.embedding} has {vectors} vector(s) but {token!r} was first loaded "
                                    f"with {len(ids)}; compare embeddings of one run (same vector count)")
-            weight = parts.text_encoder.get_input_embeddings().weight
-            with torch.no_grad():
-                weight[ids] = embedding.vectors.to(weight.device, weight.dtype)
+            for encoder, values in zip(parts.text_encoders, tensors):  # one set per text encoder (SDXL: two)
+                weight = encoder.get_input_embeddings().weight
+                with torch.no_grad():
+                    weight[ids] = values.to(weight.device, weight.dtype)
             spec = dataclasses.replace(spec, prompt=expand_name(spec.prompt, token, vectors),
                                        negative_prompt=expand_name(spec.negative_prompt, token, vectors))
         if not settings.lora:

@@ -5,6 +5,8 @@ import torch
 from diffusers import DDPMScheduler
 from diffusers.training_utils import compute_snr
 
+from library.models.conditioning import Conditioning
+
 
 def make_noise(latents: torch.Tensor, generator: torch.Generator, offset: float = 0.0) -> torch.Tensor:
     """Gaussian noise like `latents`, drawn on the CPU generator so runs reproduce across devices.
@@ -53,17 +55,21 @@ def per_sample_loss(prediction: torch.Tensor, target: torch.Tensor) -> torch.Ten
 
 
 @torch.no_grad()
-def fixed_denoising_loss(unet, scheduler: DDPMScheduler, latents: torch.Tensor, conditioning: torch.Tensor,
-                         v_prediction: bool, timesteps: list[int], seed: int = 0) -> float:
+def fixed_denoising_loss(unet, scheduler: DDPMScheduler, latents: torch.Tensor,
+                         conditioning: torch.Tensor | Conditioning, v_prediction: bool, timesteps: list[int],
+                         seed: int = 0) -> float:
     """Mean denoising loss at fixed timesteps with fixed noise: a like-for-like measure of how well a model
-    (with whatever add-on is applied) reconstructs these latents. Used by tests and benchmarks."""
+    (with whatever add-on is applied) reconstructs these latents. `conditioning`: the text hidden states, or
+    a family's whole Conditioning (SDXL's pooled text and size ids too). Used by tests and benchmarks."""
+    if isinstance(conditioning, torch.Tensor):
+        conditioning = Conditioning(conditioning)
     generator = torch.Generator().manual_seed(seed)
     total = 0.0
     for t in timesteps:
         noise = make_noise(latents, generator)
         steps = torch.full((latents.shape[0],), t, dtype=torch.long, device=latents.device)
         noisy = scheduler.add_noise(latents, noise, steps)
-        prediction = unet(noisy, steps, conditioning).sample
+        prediction = unet(noisy, steps, **conditioning.unet_kwargs(latents.dtype)).sample
         target = target_for(scheduler, latents, noise, steps, v_prediction)
         total += per_sample_loss(prediction, target).mean().item()
     return total / len(timesteps)

@@ -335,7 +335,7 @@ class Trainer:
             group_size = min(accumulation, len(batches) - group_start)
             step_seed = hash_ints(seed, epoch, index)
             torch.manual_seed(step_seed)  # dropout inside the network draws from the global RNG
-            batch = self.data.batch(epoch, batches[index])
+            batch = self.data.batch(epoch, batches[index], step_seed)  # random crops come from the step seed
             loss = self._loss(loop, batch, epoch, step_seed)
             if fault_point("loss") == "nan":  # the reliability tests' NaN (library/faults.py)
                 loss = loss * float("nan")

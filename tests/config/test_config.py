@@ -35,7 +35,7 @@ def config_class_for(path: Path):
 def test_presets_are_read_as_the_trainer_their_name_says():
     expected = {"quickstart_ti.toml": TEXTUAL_INVERSION, "ti_seed_tutorial.toml": TEXTUAL_INVERSION,
                 "dreambooth_sd15.toml": DREAMBOOTH, "quickstart_dreambooth.toml": DREAMBOOTH,
-                "lora_sd15_locon.toml": LORA}
+                "lora_sd15_locon.toml": LORA, "ti_sdxl.toml": TEXTUAL_INVERSION, "dreambooth_sdxl.toml": DREAMBOOTH}
     for path in CONFIGS:
         assert config_class_for(path) is expected.get(path.name, LORA), path.name
 
@@ -47,7 +47,8 @@ PLACEHOLDER_KEYS = {"model.path": "builtin:tiny-sd15", "dataset.train_dir": "exa
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
 def test_every_shipped_config_validates(path, monkeypatch):
     monkeypatch.chdir(REPO)
-    overrides = [] if path.name.startswith("quickstart") else [f"{k}={v}" for k, v in PLACEHOLDER_KEYS.items()]
+    placeholders = dict(PLACEHOLDER_KEYS, **({"model.path": "builtin:tiny-sdxl"} if "sdxl" in path.name else {}))
+    overrides = [] if path.name.startswith("quickstart") else [f"{k}={v}" for k, v in placeholders.items()]
     config = read_config(path, overrides, config_class_for(path))
     assert config.model.path
     if overrides:  # and without the swap, the only problems are exactly those placeholders

@@ -20,7 +20,9 @@ def test_family_from_configs(folder, family):
 
 def test_a_unet_with_extra_conditioning_is_no_sd_family():
     unet, text = configs("sd1")
-    assert family_for_configs({**unet, "addition_embed_type": "text_time", "cross_attention_dim": 2048}, text) is None
+    assert family_for_configs({**unet, "addition_embed_type": "text_time", "cross_attention_dim": 2048}, text).name \
+        == "sdxl"
+    assert family_for_configs({**unet, "addition_embed_type": "image", "cross_attention_dim": 2048}, text) is None
 
 
 def test_family_from_single_file_keys():
@@ -32,7 +34,8 @@ def test_family_from_single_file_keys():
 def test_kohya_names_are_built_explicitly():
     sd1 = family_named("sd1")
     slot = sd1.text_encoders[0]
-    assert sd1.unet_kohya_name("down_blocks.0.attentions.0.proj_in") == "lora_unet_down_blocks_0_attentions_0_proj_in"
+    name = sd1.unet_kohya_namer({})
+    assert name("down_blocks.0.attentions.0.proj_in") == "lora_unet_down_blocks_0_attentions_0_proj_in"
     for path in ("encoder.layers.0.self_attn.q_proj", "text_model.encoder.layers.0.self_attn.q_proj"):
         assert sd1.text_encoder_kohya_name(slot, path) == "lora_te_text_model_encoder_layers_0_self_attn_q_proj"
 

@@ -32,23 +32,29 @@ from library.models.diffusers_folder import save_diffusers
 from library.models.single_file import save_single_file
 
 REPO = Path(__file__).resolve().parents[2]
-FAMILY = {"tiny-sd15": "sd1", "tiny-sd2": "sd2"}
+FAMILY = {"tiny-sd15": "sd1", "tiny-sd2": "sd2", "tiny-sdxl": "sdxl"}
+SD_BUILTINS = ("tiny-sd15", "tiny-sd2")  # SDXL's own layout is tested in test_sdxl_models.py
 
 
 def _state(parts) -> dict[str, dict[str, torch.Tensor]]:
-    return {name: getattr(parts, name).state_dict() for name in ("unet", "vae", "text_encoder")}
+    """Each component's state dict, of ModelParts or a diffusers pipeline."""
+    encoders = getattr(parts, "text_encoders", None) or [
+        m for m in (parts.text_encoder, getattr(parts, "text_encoder_2", None)) if m is not None]
+    names = ["unet", "vae"] + [f"text_encoder {i}" for i in range(len(encoders))]
+    return dict(zip(names, (m.state_dict() for m in (parts.unet, parts.vae, *encoders))))
 
 
 def assert_same_weights(a, b) -> None:
     """Bitwise-equal weights for every component, same key sets."""
+    states = _state(b)
     for name, expected in _state(a).items():
-        actual = getattr(b, name).state_dict()
+        actual = states[name]
         assert set(actual) == set(expected), f"{name}: key sets differ"
         different = [k for k in expected if not torch.equal(expected[k], actual[k])]
         assert not different, f"{name}: {len(different)} tensors differ, e.g. {different[:2]}"
 
 
-@pytest.fixture(scope="module", params=BUILTIN_MODELS)
+@pytest.fixture(scope="module", params=SD_BUILTINS)
 def saved(request, tmp_path_factory):
     """A built-in model saved once as a diffusers folder and as an fp32 single file."""
     name = request.param
@@ -74,7 +80,7 @@ def test_builtin_is_deterministic_and_leaves_global_rng_alone(name):
     assert first.v_prediction == (name == "tiny-sd2")
     assert first.noise_scheduler.config.prediction_type == ("v_prediction" if first.v_prediction else "epsilon")
     assert first.text_encoder.get_input_embeddings().weight.shape[0] == 49408
-    assert first.vae.config.scaling_factor == 0.18215
+    assert first.vae.config.scaling_factor == (0.13025 if name == "tiny-sdxl" else 0.18215)
 
 
 @pytest.mark.parametrize("name", BUILTIN_MODELS)

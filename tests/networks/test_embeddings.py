@@ -93,8 +93,12 @@ def test_safetensors_and_diffusers_files_load(tmp_path):
     save_file({"<kiln>": embedding.vectors[0]}, str(tmp_path / "learned_embeds.safetensors"))  # diffusers, 1-D
     assert load_embedding(tmp_path / "learned_embeds.safetensors").vectors.shape == (1, 32)
     save_file({"clip_l": embedding.vectors, "clip_g": torch.zeros(2, 64)}, str(tmp_path / "xl.safetensors"))
-    with pytest.raises(EmbeddingError, match="SDXL"):
-        load_embedding(tmp_path / "xl.safetensors")
+    xl = load_embedding(tmp_path / "xl.safetensors")  # SDXL: loads, but only into a two-encoder model
+    assert set(xl.per_encoder) == {"clip_l", "clip_g"} and xl.tensors_for(["clip_l", "clip_g"])[1].shape == (2, 64)
+    with pytest.raises(EmbeddingError, match="2 text encoders|one-text-encoder|another model family"):
+        xl.tensors_for(["emb_params"])
+    with pytest.raises(EmbeddingError, match="one-text-encoder"):
+        embedding.tensors_for(["clip_l", "clip_g"])
     with pytest.raises(EmbeddingError, match="not found"):
         load_embedding(tmp_path / "missing.pt")
 

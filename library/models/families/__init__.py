@@ -1,4 +1,4 @@
-"""Model families: the one place that knows how SD1, SD2 (and, next, SDXL) differ.
+"""Model families: the one place that knows how SD1, SD2 and SDXL differ.
 
 Add a family: write a `ModelFamily` subclass (base.py says what it owns) in a module here and append its
 instance to `FAMILIES`. Detection asks each family in order whether it claims a model.
@@ -9,8 +9,9 @@ from typing import Any, Mapping, Sequence
 
 from library.models.families.base import ModelFamily, TextEncoderSlot
 from library.models.families.sd import SD1, SD2
+from library.models.families.sdxl import SDXL
 
-FAMILIES: tuple[ModelFamily, ...] = (SD1, SD2)
+FAMILIES: tuple[ModelFamily, ...] = (SD1, SD2, SDXL)
 
 __all__ = ["FAMILIES", "ModelFamily", "TextEncoderSlot", "family_named", "family_for_configs",
            "family_for_ldm_keys", "supported_labels"]

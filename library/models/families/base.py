@@ -3,7 +3,7 @@ compares family names. The trainers, caches, sampling, file writers and LoRA too
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 import torch
 
@@ -16,12 +16,14 @@ if TYPE_CHECKING:
 @dataclass(frozen=True)
 class TextEncoderSlot:
     """One text encoder of a family: its diffusers name (subfolder and pipeline argument) and its tokenizer's,
-    the kohya LoRA key prefix of its modules, and the name of its learning-rate group and log tag."""
+    the kohya LoRA key prefix of its modules, the name of its learning-rate group and log tag, and the key of
+    its textual-inversion vectors in safetensors embeddings."""
 
     attribute: str
     tokenizer: str
     kohya_prefix: str
     group: str
+    embedding_key: str = "emb_params"
 
 
 class ModelFamily:
@@ -32,6 +34,7 @@ class ModelFamily:
     text_encoders: tuple[TextEncoderSlot, ...] = ()
     unet_kohya_prefix = "lora_unet_"
     is_v2 = False  # sd-scripts' ss_v2 flag
+    modelspec_implementation = "diffusers"  # modelspec.implementation of its LoRA files, as sd-scripts writes it
 
     # ---------------------------------------------------------------- recognising a model
     def claims_configs(self, unet_config: Mapping[str, Any], text_config: Mapping[str, Any]) -> bool:
@@ -81,9 +84,10 @@ class ModelFamily:
         raise NotImplementedError
 
     # ---------------------------------------------------------------- files other tools read
-    def unet_kohya_name(self, module_path: str) -> str:
-        """The kohya LoRA name of a UNet module (SD1/2: its diffusers path; SDXL: the original block names)."""
-        return self.unet_kohya_prefix + module_path.replace(".", "_")
+    def unet_kohya_namer(self, unet_config: Mapping[str, Any]) -> Callable[[str], str]:
+        """A function giving the kohya LoRA name of a UNet module path (SD1/2: its diffusers path; SDXL: the
+        original block names, which depend on the UNet's block layout)."""
+        return lambda module_path: self.unet_kohya_prefix + module_path.replace(".", "_")
 
     def text_encoder_kohya_name(self, slot: TextEncoderSlot, module_path: str) -> str:
         # built explicitly: transformers 5 dropped the `text_model.` level every kohya key still carries
