@@ -92,6 +92,20 @@ def test_encoding_is_both_penultimate_states_and_pooled_text_at_the_end_token(ti
     assert torch.equal(skipped.pooled, encoding.pooled)  # clip_skip never changes the pooled output
 
 
+def test_long_captions_are_read_in_75_token_windows_by_both_encoders(tiny):
+    """train.max_token_length = 150 as sd-scripts does it for SDXL: both encoders read two windows, their states
+    are stitched (start token, 150 tokens, end token) and the pooled output is the first window's."""
+    long_caption = " ".join(["pot"] * 70 + ["glaze"] * 70)
+    captions = [long_caption, "a short one"]
+    with torch.no_grad():
+        short = SDXL.encode_text(tiny, captions, 1)
+        long = SDXL.encode_text(tiny, captions, 1, 150)
+    assert long.hidden_states.shape == (2, 152, 32 + 64) and long.pooled.shape == (2, 48)
+    assert torch.equal(long.hidden_states[:, :76], short.hidden_states[:, :76])  # the first window as before
+    assert torch.allclose(long.pooled, short.pooled, atol=1e-6)  # the first window's pooled output
+    assert not torch.allclose(long.hidden_states[0, 76:151], long.hidden_states[1, 76:151])  # "glaze" is read
+
+
 def test_size_ids_come_from_each_samples_geometry(tiny):
     geometry = [SampleGeometry((1000, 1500), CropBox(64, 96, 0, 16), (64, 64)),
                 SampleGeometry((1500, 1000), CropBox(96, 64, 8, 0), (64, 64), flip=True)]
