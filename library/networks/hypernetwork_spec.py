@@ -58,6 +58,20 @@ class HypernetworkSpec:
                 modules.append("dropout")
         return modules
 
+    def parameter_count(self, width: int) -> int:
+        """Trained values of one width's pair of MLPs (key and value)."""
+        widths = [int(width * value) for value in self.layer_structure]
+        count, index = 0, -1
+        for kind in self.layout():
+            if kind == "linear":
+                index += 1
+                count += widths[index] * widths[index + 1] + widths[index + 1]
+            elif kind == "layer_norm":
+                count += 2 * widths[index + 1]
+            elif kind == "activation" and self.activation_func == "prelu":
+                count += 1  # PReLU's learnt slope
+        return 2 * count
+
     def describe(self) -> str:
         structure = ", ".join(f"{v:g}" for v in self.layer_structure)
         extras = [f"activation {self.activation_func}" + (" (also after the output)" if self.activate_output else ""),
