@@ -12,7 +12,7 @@ from pydantic import Field, model_validator
 from library.config.schema import RunConfig, fill_defaults
 from library.data.captions import FILE_NAME
 from library.networks.hypernetwork_spec import (HypernetworkSpec, a1111_dropout_structure, default_sizes,
-                                                structure_problems, width_problem)
+                                                structure_problems)
 from library.recipes.a1111_train import (A1111LogKeys, A1111PromptKeys, a1111_plan, prompt_key_problems,
                                          prompt_rule_problems)
 from library.recipes.base import Built, PlanChange, Recipe
@@ -97,6 +97,7 @@ class HypernetworkRunConfig(RunConfig):
 
 def _resume_problems(config: HypernetworkRunConfig, header) -> list[str]:
     """A resumed file must fit the model and keep the structure the config sets explicitly."""
+    from library.networks.compat import hypernetwork_problem
     from library.networks.hypernetwork import HypernetworkFileError, load_hypernetwork
 
     hn = config.hypernetwork
@@ -104,8 +105,7 @@ def _resume_problems(config: HypernetworkRunConfig, header) -> list[str]:
         network = load_hypernetwork(hn.resume)
     except HypernetworkFileError as err:
         return [f"hypernetwork.resume: {err}"]
-    if problem := width_problem(hn.resume, network.widths, header.context_dim, header.attention_widths,
-                                header.family.label):
+    if problem := hypernetwork_problem(hn.resume, network.widths, header):
         return [f"hypernetwork.resume: {problem}"]
     wanted, found = hn.spec(), network.spec
     problems = []
