@@ -131,3 +131,6 @@ def test_refusals(tmp_path, capsys):
     assert "not both and not neither" in text and "cannot be cached" in text
     assert run(path, "--check") == 0
     assert "'kiln' → kiln</w> (#44150); 'pot' → pot</w> (#5168)" in capsys.readouterr().out
+    from library.config.trainers import infer_trainer
+
+    assert infer_trainer({"embedding_finetune": {}, "model": {}}) == "embedding_finetune"  # what queues run

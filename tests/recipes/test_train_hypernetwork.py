@@ -213,3 +213,18 @@ def test_check_describes_the_network_for_this_model(tmp_path, capsys):
     assert "ComfyUI adds the activation after the last layer too" in out
     assert run(path, "--check", "hypernetwork.enable_sizes=[32, 768]") == 2
     assert "768 is no context width of this SD 1.x model" in capsys.readouterr().err
+
+
+def test_queues_pick_the_script_and_gradient_checkpointing_still_trains(tmp_path):
+    from library.batch.entries import plan_entries
+
+    path = config_text(tmp_path)  # no `trainer` key: the [hypernetwork] section names it
+    entry = plan_entries([str(path)], [], resume=False)[0]
+    assert (entry.trainer, entry.script.name, entry.problem) == ("hypernetwork", "train_hypernetwork.py", "")
+    assert entry.summary_file == tmp_path / "out" / "kilnstyle.run.json"
+    assert run(path, "train.max_steps=2", "train.gradient_checkpointing=true", "hypernetwork_log.create_image_every=0",
+               "hypernetwork_log.save_hypernetwork_every=0") == 0
+    trained = load_hypernetwork(tmp_path / "out" / "kilnstyle.pt")
+    initial = Hypernetwork(trained.spec, trained.widths).initialise(torch.Generator().manual_seed(7))
+    assert not torch.equal(trained.pair(32)[0].linear[0].weight, initial.pair(32)[0].linear[0].weight)
+    assert json.loads(entry.summary_file.read_text())["status"] == "finished"
