@@ -85,7 +85,8 @@ def test_trains_lowers_the_loss_keeps_the_model_and_writes_a1111s_folder(tmp_pat
     before = {name: module.state_dict() for name, module in (("unet", parts.unet), ("te", parts.text_encoder))}
     before = {name: {k: v.clone() for k, v in state.items()} for name, state in before.items()}
     monkeypatch.setattr("library.models.loading.load_model", lambda *args, **kwargs: parts)
-    assert run(config_text(tmp_path)) == 0
+    # with dropout, so the previews below also show that they sample with the network in eval mode
+    assert run(config_text(tmp_path), "hypernetwork.use_dropout=true", "hypernetwork.dropout_structure=[0, 0.1, 0]") == 0
 
     for name, module in (("unet", parts.unet), ("te", parts.text_encoder)):  # the model never changes
         assert all(torch.equal(v, module.state_dict()[k]) for k, v in before[name].items())
