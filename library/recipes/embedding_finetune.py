@@ -78,7 +78,8 @@ class EmbeddingFinetuneRecipe(Recipe):
             empty = [word for word, tokens in _resolved_tokens(words) if not tokens]
         except TokenizerUnavailable:
             return []
-        return [f"embedding_finetune.tokens: {word!r} has no tokens (the tokenizer drops it); use a word" for word in empty]
+        return [f"embedding_finetune.tokens: {word!r} has no tokens (the tokenizer drops it); use a word"
+                for word in empty]
 
     def optimizer_lrs(self, config: EmbeddingFinetuneRunConfig) -> dict[str, float]:
         return {"token_rows": config.optimizer.lr}

@@ -1,6 +1,6 @@
 """compare.py's X/Y/Z plot: render one image per combination of axis values (checkpoints, LoRA multiplier,
-hypernetworks and strengths, prompt search/replace, seed, CFG, steps, sampler) and lay them out in one labelled grid, as A1111's X/Y/Z
-plot does, to pick the best epoch of a run."""
+hypernetworks and strengths, prompt search/replace, seed, CFG, steps, sampler) and lay them out in one labelled
+grid, as A1111's X/Y/Z plot does, to pick the best epoch of a run."""
 from __future__ import annotations
 
 import contextlib

@@ -1,6 +1,6 @@
 """compare.py's axes and cells: what an X/Y/Z plot varies (checkpoints, LoRA multiplier, hypernetworks and their
-strengths, prompt search/replace, seed, CFG, steps, sampler) and the settings of each cell. Light on purpose: compare.py checks
-its arguments with this before any model library loads."""
+strengths, prompt search/replace, seed, CFG, steps, sampler) and the settings of each cell. Light on purpose:
+compare.py checks its arguments with this before any model library loads."""
 from __future__ import annotations
 
 import csv
