@@ -4,8 +4,9 @@
     python compare.py --config run.toml --prompt "a photo of sks dog" \
         --x lora "output/lora-*.safetensors" --y multiplier 0.5,1 --z seed 1,2
 
-Axis kinds: model (full checkpoints), lora, embedding (files, globs, 'none'), multiplier, sr (prompt
-search/replace: the first value is searched for and replaced by each value), seed, cfg, steps, sampler.
+Axis kinds: model (full checkpoints), lora, embedding (files, globs, 'none'), hypernetwork (files with an optional
+strength, hn.pt:0.5), multiplier, sr (prompt search/replace: the first value is searched for and replaced by each
+value), seed, cfg, steps, sampler.
 Writes <output>/grid.png and every single image to <output>/cells/, with the settings in the PNG text.
 """
 from __future__ import annotations
@@ -16,7 +17,7 @@ import tomllib
 from pathlib import Path
 
 from library.cli import run_main
-from library.sampling.compare_axes import AXIS_KINDS, CompareError, Settings, parse_axis
+from library.sampling.compare_axes import AXIS_KINDS, CompareError, Settings, parse_axis, split_strength
 from library.sampling.prompt_file import canonical_sampler
 
 
@@ -33,6 +34,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--lora", default="",
                         help="a LoRA, LoHa or LoKr file applied to every cell (unless an axis sets it)")
     parser.add_argument("--multiplier", type=float, default=1.0)
+    parser.add_argument("--hypernetwork", default="", metavar="FILE[:STRENGTH]",
+                        help="an A1111 hypernetwork applied to every cell (unless an axis sets it), strength 1 "
+                             "unless given")
     parser.add_argument("--embedding", default="", help="an embedding loaded for every cell")
     parser.add_argument("--token", default="", help="the word embeddings load as (default: the file's name)")
     parser.add_argument("--width", type=int, default=0, help="default: the model's native size (512 for SD1.5)")
@@ -82,6 +86,11 @@ def _main(argv: list[str] | None) -> int:
                     lora=args.lora, multiplier=args.multiplier, embedding=args.embedding, token=args.token, **found)
     if args.clip_skip:
         base.clip_skip = args.clip_skip
+    if args.hypernetwork:
+        path, strength = split_strength(args.hypernetwork)
+        if not Path(path).is_file():
+            raise CompareError(f"--hypernetwork: file not found: {path}")
+        base.hypernetwork, base.hypernetwork_strength = path, 1.0 if strength is None else strength
     axes = [parse_axis(*getattr(args, name)) if getattr(args, name) else None for name in "xyz"]
     if base.width % 8 or base.height % 8:
         raise CompareError(f"--width/--height {base.width}x{base.height} must be multiples of 8")

@@ -76,7 +76,8 @@ def test_modules_and_functions_stay_small():
 
 def test_config_and_recipes_load_without_torch():
     code = ("import sys, library.config.loading, library.recipes.run, library.recipes.lora, "
-            "library.recipes.textual_inversion, library.recipes.dreambooth; "
+            "library.recipes.textual_inversion, library.recipes.dreambooth, library.recipes.hypernetwork, "
+            "library.recipes.embedding_finetune; "
             "print(sorted(m for m in ('torch', 'diffusers', 'transformers', 'peft') if m in sys.modules))")
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr

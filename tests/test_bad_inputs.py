@@ -15,8 +15,12 @@ import compare
 import prepare_buckets
 import tag_images
 import train_dreambooth
+import train_embedding_finetune
+import train_hypernetwork
 import train_lora
 import train_textual_inversion
+from library.networks.hypernetwork import Hypernetwork, save_hypernetwork
+from library.networks.hypernetwork_spec import HypernetworkSpec
 from tests.helpers import SAMPLES
 
 REPO = Path(__file__).resolve().parents[1]
@@ -72,6 +76,11 @@ def place(tmp_path_factory) -> Path:
               str(root / "lora_like.safetensors"))
     save_file({"emb_params": torch.zeros(1, 1024)}, str(root / "sd2_embedding.safetensors"))
     save_file({"emb_params": torch.zeros(1, 32)}, str(root / "embedding.safetensors"))
+    sd2_widths = Hypernetwork(HypernetworkSpec(layer_structure=(1, 0.01, 1)), [1024, 320, 640, 1280], "sd2")
+    save_hypernetwork(sd2_widths, root / "sd2_hypernetwork.pt")
+    save_file({"token_ids": torch.tensor([5168]), "rows": torch.zeros(1, 1024)}, str(root / "sd2_rows.safetensors"),
+              metadata={"ss_base_model_version": "sd_v2", "kiln_format": "token_rows"})
+    save_file({"token_ids": torch.tensor([5168]), "rows": torch.zeros(1, 64)}, str(root / "wide_rows.safetensors"))
     (root / "state-incomplete").mkdir()
     (root / "out").mkdir()
     (root / "out" / "bad.safetensors").write_bytes(b"an earlier run's file")
@@ -172,6 +181,37 @@ TI_CASES = [
      "captions that cannot be read (1)"),
     ("vectors is a boolean", lambda p: [config(p, TI + "vectors = true\n"), "--check"], "'embedding.vectors'"),
 ]
+HN = '[hypernetwork]\nname = "bad"\n'
+HYPERNETWORK_CASES = [
+    ("layer structure", lambda p: [config(p, HN + "layer_structure = [1, 2, 2]\n"), "--check"],
+     "hypernetwork.layer_structure = [1.0, 2.0, 2.0]: it must start and end with 1"),
+    ("unknown activation", lambda p: [config(p, HN + 'activation_func = "relu7"\n'), "--check"],
+     "hypernetwork.activation_func = 'relu7' is not an activation A1111 knows"),
+    ("unknown init", lambda p: [config(p, HN + 'weight_initialization = "normal"\n'), "--check"],
+     "hypernetwork.weight_initialization = 'normal'"),
+    ("dropout structure", lambda p: [config(p, HN + "use_dropout = true\ndropout_structure = [0, 0.3]\n"), "--check"],
+     "hypernetwork.dropout_structure = [0.0, 0.3]: it needs one value per layer_structure entry"),
+    ("size of no context", lambda p: [config(p, HN + "enable_sizes = [32, 1280]\n"), "--check"],
+     "hypernetwork.enable_sizes = [32, 1280]: 1280 is no context width"),
+    ("name", lambda p: [config(p, '[hypernetwork]\nname = "a/b"\n'), "--check"], "hypernetwork.name 'a/b'"),
+    ("template missing", lambda p: [config(p, HN + 'template = "nowhere.txt"\n'), "--check"],
+     "hypernetwork.template"),
+    ("bad schedule", lambda p: [config(p, HN + 'learn_rate = "0.05:1, x"\n'), "--check"], "hypernetwork.learn_rate"),
+    ("resume missing", lambda p: [config(p, HN + 'resume = "nowhere.pt"\n'), "--check"], "hypernetwork.resume"),
+    ("resume not a file of it", lambda p: [config(p, HN + 'resume = "{place}/afile"\n'), "--check"],
+     "cannot be read as a weights-only torch file"),
+    ("resume sd2 widths", lambda p: [config(p, HN + 'resume = "{place}/sd2_hypernetwork.pt"\n'), "--check"],
+     "made for another model family"),
+    ("reg images", lambda p: [config(p, HN), f"dataset.reg_dir={p / 'train'}", "--check"], "no regularisation"),
+]
+FT = '[embedding_finetune]\ntokens = ["pot"]\n'
+EMBEDDING_FINETUNE_CASES = [
+    ("no tokens", lambda p: [config(p, "[embedding_finetune]\n"), "--check"], "not both and not neither"),
+    ("blank word", lambda p: [config(p, '[embedding_finetune]\ntokens = ["pot", " "]\n'), "--check"], "none empty"),
+    ("text cache", lambda p: [config(p, FT), "dataset.cache_text_encoder_outputs=true", "--check"], "cannot be cached"),
+    ("word in no caption", lambda p: [config(p, '[embedding_finetune]\ntokens = ["dragon"]\n'), "save.name=ft"],
+     "no caption contains any of embedding_finetune.tokens (dragon)"),
+]
 DREAMBOOTH_CASES = [
     ("class dir name", lambda p: [config(p, '[dreambooth]\nclass_dir = "{place}/classes"\n'), "--check"],
      "name the folder NN_name"),
@@ -199,6 +239,15 @@ TOOL_CASES = [
     (compare.main, "compare: sd2 embedding", lambda p: ["--model", "builtin:tiny-sd15", "--prompt", "x", "--steps",
                                                         "1", "--embedding", str(p / "sd2_embedding.safetensors"),
                                                         "--output", str(p / "cmp")], "1024-wide vectors"),
+    (compare.main, "compare: sd2 hypernetwork", lambda p: ["--model", "builtin:tiny-sd15", "--prompt", "x", "--steps",
+                                                           "1", "--hypernetwork", str(p / "sd2_hypernetwork.pt"),
+                                                           "--output", str(p / "cmp")], "made for another model family"),
+    (compare.main, "compare: hypernetwork missing", lambda p: ["--model", "builtin:tiny-sd15", "--prompt", "x",
+                                                              "--hypernetwork", "nowhere.pt:0.5"], "file not found"),
+    (merge_lora.main, "merge: sd2 token rows", lambda p: ["builtin:tiny-sd15", str(p / "m.safetensors"), "--lora",
+                                                          str(p / "sd2_rows.safetensors")], "made for SD 2.x"),
+    (merge_lora.main, "merge: token rows width", lambda p: ["builtin:tiny-sd15", str(p / "m.safetensors"), "--lora",
+                                                            str(p / "wide_rows.safetensors")], "64-wide token rows"),
     (tag_images.main, "tag: no folder", lambda p: ["tag", str(p / "nowhere"), "--model", str(p / "nowhere")],
      "nowhere"),
     (merge_lora.main, "merge: lora missing", lambda p: ["builtin:tiny-sd15", str(p / "m.safetensors"), "--lora",
@@ -221,12 +270,16 @@ TOOL_CASES = [
 CASES = ([(train_lora.main, f"lora: {name}", argv, text) for name, argv, text in LORA_CASES]
          + [(train_textual_inversion.main, f"ti: {name}", argv, text) for name, argv, text in TI_CASES]
          + [(train_dreambooth.main, f"dreambooth: {name}", argv, text) for name, argv, text in DREAMBOOTH_CASES]
+         + [(train_hypernetwork.main, f"hypernetwork: {name}", argv, text) for name, argv, text in HYPERNETWORK_CASES]
+         + [(train_embedding_finetune.main, f"embedding_finetune: {name}", argv, text)
+            for name, argv, text in EMBEDDING_FINETUNE_CASES]
          + TOOL_CASES)
 
 
 def test_the_corpus_is_large_and_covers_every_script():
     assert len(CASES) >= 40
     assert {main.__module__ for main, *_ in CASES} == {"train_lora", "train_textual_inversion", "train_dreambooth",
+                                                       "train_hypernetwork", "train_embedding_finetune",
                                                        "prepare_buckets", "compare", "tag_images", "merge_lora",
                                                        "extract_lora", "convert_model"}
 

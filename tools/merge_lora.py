@@ -1,12 +1,13 @@
-"""Merge one or more network files (kohya LoRA/LoCon, LyCORIS LoHa/LoKr) into a Stable Diffusion model at given
-weights and save the result.
+"""Merge one or more network files (kohya LoRA/LoCon, LyCORIS LoHa/LoKr, or token rows from embedding fine-tuning)
+into a Stable Diffusion model at given weights and save the result.
 
     python tools/merge_lora.py BASE OUT --lora style.safetensors:0.8 --lora char.safetensors:0.5
 
 BASE: builtin:tiny-sd15, a diffusers folder, a .safetensors/.ckpt file or a locally cached hub id.
 OUT ending in .safetensors → original SD single file (A1111, ComfyUI); anything else → diffusers folder.
 Each --lora is FILE[:WEIGHT] (weight 1 when left out); W += weight · ΔW, file by file, with ΔW as A1111 and
-ComfyUI compute it (LoRA up·down·alpha/rank; LoHa and LoKr as in README "LyCORIS: LoHa and LoKr").
+ComfyUI compute it (LoRA up·down·alpha/rank; LoHa and LoKr as in README "LyCORIS: LoHa and LoKr"). A token-rows
+file (train_embedding_finetune.py) sets its rows of the token-embedding table: row = base + weight · (trained − base).
 """
 from __future__ import annotations
 
@@ -39,7 +40,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("base", help="model to merge into")
     parser.add_argument("out", help="output .safetensors file or diffusers folder")
     parser.add_argument("--lora", action="append", required=True, metavar="FILE[:WEIGHT]",
-                        help="a LoRA, LoHa or LoKr file and its weight; repeat for several")
+                        help="a LoRA, LoHa or LoKr file, or token rows from embedding fine-tuning, and its weight; "
+                             "repeat for several")
     parser.add_argument("--precision", choices=PRECISIONS,
                         help="weight precision to write (default: fp16 for .safetensors, fp32 for folders)")
     parser.add_argument("--config-dir", help="diffusers folder whose configs describe a single-file BASE")
@@ -49,22 +51,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def merge_files(parts, specs: list[tuple[Path, float]]) -> list[str]:
     """Merge each network file into parts in place; returns one line per file. NetworkFileError for files that
-    are not LoRA/LoHa/LoKr networks for this model."""
+    are not LoRA/LoHa/LoKr networks or token rows for this model."""
     from library.models.header import header_of
     from library.networks.compat import network_file_problem
     from library.networks.kinds import file_layouts, kind_of_weights
     from library.networks.merge import NetworkFileError, merge_network, read_network_file
+    from library.networks.token_rows import apply_token_rows, is_token_rows, token_rows_problem
 
     lines = []
     for path, weight in specs:
         weights, metadata = read_network_file(path)
+        if is_token_rows(weights):
+            if problem := token_rows_problem(path, weights, metadata, header_of(parts)):
+                raise NetworkFileError(problem)
+            rows = apply_token_rows(parts, weights, weight)
+            lines.append(f"merged {path} at weight {weight:g} ({rows} token-embedding rows)")
+            continue
         shapes = {key: tuple(tensor.shape) for key, tensor in weights.items()}
         if problem := network_file_problem(path, shapes, metadata, header_of(parts)):
             raise NetworkFileError(problem)
         kind = kind_of_weights(weights)
         if kind is None:
             raise NetworkFileError(f"{path} holds no LoRA, LoHa or LoKr modules (kohya/LyCORIS layout: "
-                                   f"{file_layouts()}); other formats cannot be merged by this tool")
+                                   f"{file_layouts()}) and no token rows; other formats cannot be merged by this tool")
         modules = len(kind.module_names(weights))
         unmatched = merge_network(parts, {k: v.float() for k, v in weights.items()}, weight)
         if unmatched:

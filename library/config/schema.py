@@ -205,7 +205,7 @@ class RunConfig(Section):
     is for (the run queue reads it; a trainer refuses another trainer's config)."""
 
     trainer_kind: ClassVar[str | None] = None  # set by each trainer's config class
-    trainer: str | None = None  # "lora" | "textual_inversion" | "dreambooth"
+    trainer: str | None = None  # a key of TRAINER_SCRIPTS: "lora", "textual_inversion", "dreambooth", ...
     model: ModelSection
     dataset: DatasetSection
     optimizer: OptimizerSection = OptimizerSection()

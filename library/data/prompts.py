@@ -24,9 +24,9 @@ def builtin_templates() -> list[str]:
     return sorted(p.stem for p in TEMPLATE_DIR.glob("*.txt"))
 
 
-def template_lines(spec: str | list[str]) -> list[str]:
+def template_lines(spec: str | list[str], key: str = "embedding.template") -> list[str]:
     """Template lines from a built-in name ("subject_filewords"), a .txt file, one inline line containing
-    [name]/[filewords], or a TOML list of lines. Blank lines are dropped. ValueError says what is wrong."""
+    [name]/[filewords], or a TOML list of lines. Blank lines are dropped. ValueError names `key`."""
     if isinstance(spec, list):
         lines = [str(line).strip() for line in spec]
     else:
@@ -40,22 +40,22 @@ def template_lines(spec: str | list[str]) -> list[str]:
             try:
                 lines = [line.strip() for line in path.read_text(encoding="utf-8-sig").splitlines()]
             except UnicodeDecodeError:
-                raise ValueError(f"embedding.template: {path} is not UTF-8 text; re-save it as UTF-8") from None
+                raise ValueError(f"{key}: {path} is not UTF-8 text; re-save it as UTF-8") from None
         elif "[" in text:
             lines = [text]
         else:
-            raise ValueError(f"embedding.template {spec!r} is neither a built-in template "
+            raise ValueError(f"{key} {spec!r} is neither a built-in template "
                              f"({', '.join(builtin_templates())}), an existing .txt file, nor a template line "
                              "such as \"[name], [filewords]\"")
     lines = [line for line in lines if line]
     if not lines:
-        raise ValueError(f"embedding.template {spec!r} has no lines")
+        raise ValueError(f"{key} {spec!r} has no lines")
     return lines
 
 
-def template_problem(spec: str | list[str]) -> str | None:
+def template_problem(spec: str | list[str], key: str = "embedding.template") -> str | None:
     try:
-        template_lines(spec)
+        template_lines(spec, key)
     except (ValueError, OSError) as err:
         return str(err)
     return None

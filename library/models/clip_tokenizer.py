@@ -121,6 +121,12 @@ def count_clip_tokens(texts: list[str]) -> list[int]:
     return [len(encoding.ids) for encoding in _counting_tokenizer().encode_batch(texts, add_special_tokens=False)]
 
 
+def clip_tokens(text: str) -> list[tuple[str, int]]:
+    """The CLIP tokens (as the vocabulary spells them, e.g. "pot</w>") and ids of a text, without transformers."""
+    encoding = _counting_tokenizer().encode(text, add_special_tokens=False)
+    return list(zip(encoding.tokens, encoding.ids))
+
+
 def build_clip_tokenizer(pad_token: str = EOS_TOKEN):
     """A fresh CLIPTokenizer built without network access. SD1 pads with the end token, SD2 and SDXL's second
     encoder (OpenCLIP) with "!" (id 0): the padded positions change the text-encoder output, so the model

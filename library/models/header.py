@@ -24,6 +24,7 @@ class ModelHeader:
     text_widths: tuple[int, ...]  # hidden width of each text encoder, in slot order
     found: str  # how it was told, for the summary line
     sizes: ModelSizes | None = None  # parameter counts per part, when the shapes can be read without loading
+    attention_widths: tuple[int, ...] = ()  # widths the UNet's self-attention layers work at (320/640/1280 on SD1)
 
     def line(self) -> str:
         widths = " + ".join(str(w) for w in self.text_widths) or "?"
@@ -45,7 +46,21 @@ def _from_configs(folder: Path, found: str) -> ModelHeader:
                              f"{unet.get('cross_attention_dim')}); Kiln trains {supported_labels()}")
     widths = tuple(int(_json(folder / slot.attribute / "config.json").get("hidden_size", 0))
                    for slot in family.text_encoders if (folder / slot.attribute / "config.json").is_file())
-    return ModelHeader(family, unet.get("cross_attention_dim"), widths, found)
+    return ModelHeader(family, unet.get("cross_attention_dim"), widths, found, attention_widths=attention_widths(unet))
+
+
+def attention_widths(unet_config) -> tuple[int, ...]:
+    """The widths of the UNet's attention blocks, from its diffusers config: each cross-attention down/up block's
+    channels and the middle block's (diffusers' default middle block has attention)."""
+    channels = list(unet_config.get("block_out_channels", ()))
+    down = unet_config.get("down_block_types", ())
+    up = unet_config.get("up_block_types", ())
+    widths = {c for c, kind in zip(channels, down) if kind.startswith("CrossAttn")}
+    widths |= {c for c, kind in zip(reversed(channels), up) if kind.startswith("CrossAttn")}
+    middle = unet_config.get("mid_block_type") or "UNetMidBlock2DCrossAttn"
+    if channels and "CrossAttn" in middle:
+        widths.add(channels[-1])
+    return tuple(sorted(int(w) for w in widths))
 
 
 def tensor_shapes(path: Path) -> dict[str, tuple[int, ...]]:
@@ -81,8 +96,10 @@ def _from_single_file(path: Path) -> ModelHeader:
                              f"{text!r}); Kiln trains {supported_labels()}")
     embeddings = sorted(k for k in keys if k.endswith("token_embedding.weight"))
     widths = tuple(shapes[k][1] for k in embeddings)
+    self_attention = {shape[1] for key, shape in shapes.items()
+                      if key.startswith(layout.UNET_PREFIX) and key.endswith("attn1.to_k.weight") and len(shape) == 2}
     return ModelHeader(family, layout.ldm_context_dim(shapes), widths, "read from the file's header",
-                       sizes_from_shapes(shapes.items(), ldm_part))
+                       sizes_from_shapes(shapes.items(), ldm_part), tuple(sorted(self_attention)))
 
 
 def read_model_header(path: str, config_dir: str | None = None) -> ModelHeader:
@@ -115,4 +132,5 @@ def _safe_folder_sizes(folder: Path) -> ModelSizes | None:
 def header_of(parts) -> ModelHeader:
     """The same facts for a model already loaded (merge, compare)."""
     widths = tuple(int(encoder.config.hidden_size) for encoder in parts.text_encoders)
-    return ModelHeader(parts.family, parts.unet.config.cross_attention_dim, widths, "loaded")
+    return ModelHeader(parts.family, parts.unet.config.cross_attention_dim, widths, "loaded",
+                       attention_widths=attention_widths(parts.unet.config))

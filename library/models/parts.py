@@ -1,7 +1,7 @@
 """The pieces of a loaded base model, and the noise schedulers built from its scheduler config."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 import torch
@@ -23,6 +23,9 @@ class ModelParts:
     noise_scheduler: DDPMScheduler
     v_prediction: bool
     source: str  # what was loaded, e.g. "builtin:tiny-sd15" or a file name
+    # modules applied to the model through hooks rather than held in it (hypernetworks): sampling switches them
+    # to eval mode with the model's own modules
+    adapters: list[torch.nn.Module] = field(default_factory=list)
 
     @property
     def tokenizer(self):

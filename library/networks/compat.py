@@ -72,3 +72,11 @@ def embedding_problem(path: str | Path, width: int, model: ModelHeader) -> str |
         return (f"{path} holds {width}-wide vectors, but this {model.family.label} model's text encoder is "
                 f"{model.text_widths[0]} wide: the embedding was made for another model family")
     return None
+
+
+def hypernetwork_problem(path: str | Path, widths: list[int], model: ModelHeader) -> str | None:
+    """A hypernetwork needs a module for the model's text width; one with modules only for widths the model lacks
+    was made for another family (extra widths alone are fine: A1111 offers 1024 beside SD 1.x's 768)."""
+    from library.networks.hypernetwork_spec import width_problem
+
+    return width_problem(str(path), widths, model.context_dim, model.attention_widths, model.family.label)

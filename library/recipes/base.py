@@ -70,6 +70,11 @@ class Recipe:
         without loading it); None when they are unknown."""
         return None
 
+    def model_lines(self, config: "RunConfig", header: "ModelHeader") -> list[str]:
+        """What this run trains on this model, told from its header (no weights): printed under the model line,
+        also by --check."""
+        return []
+
     def model_problems(self, config: "RunConfig", header: "ModelHeader") -> list[str]:
         """Problems of this trainer's files against the model's family and widths (read from its header, not
         its weights), e.g. an init file made for another family."""

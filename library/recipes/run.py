@@ -173,6 +173,8 @@ def prepare(recipe: "Recipe", args: argparse.Namespace) -> tuple["ResolvedRun", 
     if problems:
         fail(str(ConfigError(args.config, problems)))
     print(header.line())
+    for line in recipe.model_lines(config, header):
+        print(line)
     load = ModelLoader(config)
     recipe.before_scan(config, args.check, load)
     try:

@@ -2,8 +2,6 @@
 latent sampling methods, log folder, `.optim` resume); the model itself never changes."""
 from __future__ import annotations
 
-import dataclasses
-import math
 from pathlib import Path
 from typing import Any, Literal
 
@@ -12,7 +10,7 @@ from pydantic import Field, field_validator, model_validator
 from library.config.schema import RunConfig, Section, fill_defaults
 from library.data.captions import FILE_NAME
 from library.networks.embedding_names import name_problem
-from library.recipes.base import Built, PlanChange, Recipe, model_family, table, value_of
+from library.recipes.base import Built, PlanChange, Recipe, model_family, value_of
 
 
 class EmbeddingSection(Section):
@@ -124,10 +122,9 @@ class TextualInversionRecipe(Recipe):
     captionless = FILE_NAME
 
     def environment_problems(self, data: dict) -> list[str]:
-        from library.data.prompts import template_problem
         from library.models.clip_tokenizer import TokenizerUnavailable, clip_vocabulary
         from library.networks.embedding_names import vocabulary_problem
-        from library.training.schedules import A1111Schedule
+        from library.recipes.a1111_train import prompt_key_problems
 
         problems = []
         name, vectors = value_of(data, "embedding", "name", str), value_of(data, "embedding", "vectors", int, 1)
@@ -137,23 +134,13 @@ class TextualInversionRecipe(Recipe):
                     problems.append(problem)
             except TokenizerUnavailable:
                 pass
-        template = table(data, "embedding").get("template", "subject_filewords")
-        if isinstance(template, (str, list)) and (problem := template_problem(template)):
-            problems.append(problem)
         family = model_family(data)
         if family is not None and value_of(data, "embedding", "format", str) == "pt":
             try:
                 _file_format("pt", family)
             except ValueError as err:
                 problems.append(str(err))
-        rate = table(data, "embedding").get("learn_rate", "")
-        rate = str(rate) if isinstance(rate, (int, float)) and not isinstance(rate, bool) else rate
-        if isinstance(rate, str) and rate.strip():
-            try:
-                A1111Schedule(rate, value_of(data, "train", "max_steps", int) or 10**9)
-            except ValueError as err:
-                problems.append(f"embedding.learn_rate: {err}")
-        return problems
+        return problems + prompt_key_problems(data, "embedding")
 
     def optimizer_lrs(self, config: TIRunConfig) -> dict[str, float]:
         return {"embedding": config.optimizer.lr}
@@ -207,23 +194,10 @@ class TextualInversionRecipe(Recipe):
 
     def adjust_plan(self, config: TIRunConfig, plan) -> PlanChange:
         """An A1111 schedule string replaces the scheduler and ends training at its last explicit step."""
-        from library.training.schedules import A1111Schedule
+        from library.recipes.a1111_train import a1111_plan
 
-        if config.embedding.resume:
-            plan = dataclasses.replace(plan, done=_recorded_step(config.embedding.resume))
-        text = config.embedding.learn_rate
-        if not text.strip():
-            return PlanChange(plan)
-        schedule, notes = A1111Schedule(text, plan.total_steps), []
-        if schedule.last_step < plan.total_steps:
-            total = schedule.last_step
-            notes.append(f"note: the learning-rate schedule ends at step {total}, before the planned "
-                         f"{plan.total_steps}: training stops there")
-            plan = dataclasses.replace(plan, total_steps=total, epochs=math.ceil(total / plan.steps_per_epoch))
-        if schedule.ignored:
-            notes.append(f"note: learning-rate schedule entries after the last step are ignored: "
-                         f"{', '.join(schedule.ignored)}")
-        return PlanChange(plan, text, tuple(notes))
+        done = _recorded_step(config.embedding.resume) if config.embedding.resume else None
+        return a1111_plan(plan, config.embedding.learn_rate, done)
 
     def build(self, parts, run) -> Built | None:
         # imported here: they pull in torch and diffusers, which --help/--check do not need
@@ -234,6 +208,7 @@ class TextualInversionRecipe(Recipe):
         from library.models.hashes import a1111_short_hash
         from library.networks.embeddings import init_vectors
         from library.recipes.a1111_log import A1111Log
+        from library.recipes.a1111_train import first_rate
 
         config: TIRunConfig = run.config
         emb, ds = config.embedding, config.dataset
@@ -256,7 +231,7 @@ class TextualInversionRecipe(Recipe):
                       for tokenizer, encoder in zip(parts.tokenizers, parts.text_encoders)]
             vectors, origin = [vec for vec, _ in starts], starts[0][1]
         ids = _add_tokens(parts, emb.name, emb.vectors)
-        lr = _first_rate(run.lr_schedule, step, run.plan.total_steps) or config.optimizer.lr
+        lr = first_rate(run.lr_schedule, step, run.plan.total_steps) or config.optimizer.lr
         trainable = EmbeddingTrainable(parts, emb.name, vectors, ids, lr, file_format, run.save_dtype,
                                        a1111_short_hash(config.model.path))
         lines = template_lines(emb.template)
@@ -331,7 +306,7 @@ def _start_point(config: TIRunConfig, resumed, plan):
     """Continue a resumed embedding at its step, with the optimizer state of its `.optim` file when that file
     belongs to it (A1111's checksum) and to this optimizer."""
     from library.networks.embeddings import load_optimizer_state
-    from library.training.checkpoints import Progress
+    from library.recipes.a1111_train import start_progress
     from library.registry import canonical_optimizer_name
     from library.training.trainable import StartPoint
 
@@ -339,14 +314,7 @@ def _start_point(config: TIRunConfig, resumed, plan):
     state, message = load_optimizer_state(Path(config.embedding.resume), resumed.checksum_values(),
                                           canonical_optimizer_name(config.optimizer.name))
     print(message)
-    per_epoch = plan.steps_per_epoch
-    return StartPoint(Progress(step, step // per_epoch, (step % per_epoch) * plan.accumulation), state)
-
-
-def _first_rate(schedule: str | None, step: int, total_steps: int) -> float | None:
-    from library.training.schedules import A1111Schedule
-
-    return A1111Schedule(schedule, total_steps, step).rate_at(step) if schedule else None
+    return StartPoint(start_progress(step, plan), state)
 
 
 def _describe(config: TIRunConfig, dims: list[int], origin: str, lines: list[str]) -> list[str]:

@@ -1,6 +1,6 @@
 """compare.py's X/Y/Z plot: render one image per combination of axis values (checkpoints, LoRA multiplier,
-prompt search/replace, seed, CFG, steps, sampler) and lay them out in one labelled grid, as A1111's X/Y/Z
-plot does, to pick the best epoch of a run."""
+hypernetworks and strengths, prompt search/replace, seed, CFG, steps, sampler) and lay them out in one labelled
+grid, as A1111's X/Y/Z plot does, to pick the best epoch of a run."""
 from __future__ import annotations
 
 import contextlib
@@ -13,9 +13,10 @@ import torch
 from library.models.loading import load_model
 from library.models.header import header_of
 from library.models.parts import ModelParts
-from library.networks.compat import embedding_problem, network_file_problem
+from library.networks.compat import embedding_problem, hypernetwork_problem, network_file_problem
 from library.networks.embedding_names import expand_name
 from library.networks.embeddings import Embedding, add_tokens, load_embedding
+from library.networks.hypernetwork import Hypernetwork, attach, load_hypernetwork
 from library.networks.merge import merge_network, read_network_file, restore_weights, snapshot_weights
 from library.sampling.compare_axes import Axis, CompareError, Settings, cell_label, cells
 from library.sampling.grid import make_grid
@@ -33,6 +34,7 @@ class Models:
         self.parts: ModelParts | None = None
         self.token_ids: dict[str, list[int]] = {}
         self.embeddings: dict[str, Embedding] = {}
+        self.hypernetworks: dict[str, Hypernetwork] = {}
 
     def load(self, settings: Settings) -> ModelParts:
         if settings.model != self.path:
@@ -49,48 +51,63 @@ class Models:
             self.embeddings[path] = embedding
         return self.embeddings[path]
 
+    def hypernetwork(self, path: str, parts: ModelParts) -> Hypernetwork:
+        if path not in self.hypernetworks:
+            network = load_hypernetwork(path)
+            if problem := hypernetwork_problem(path, network.widths, header_of(parts)):
+                raise CompareError(problem)
+            self.hypernetworks[path] = network
+        return self.hypernetworks[path]
+
     @contextlib.contextmanager
     def applied(self, settings: Settings):
-        """The model for `settings`, with its LoRA and embedding in place; yields the prompt spec to render."""
+        """The model for `settings`, with its LoRA, hypernetwork and embedding in place; yields the prompt spec to
+        render. Each is taken off again afterwards, so the next cell starts from the untouched base."""
         parts = self.load(settings)
         spec = settings.spec()
         if not (spec.width and spec.height):  # not set: the model's native size
             spec = dataclasses.replace(spec, width=spec.width or parts.native_size(),
                                        height=spec.height or parts.native_size())
         if settings.embedding:
-            embedding = self.embedding(settings.embedding, parts)
-            token = settings.token or embedding.name
-            vectors = embedding.vectors.shape[0]
-            tensors = embedding.tensors_for([slot.embedding_key for slot in parts.family.text_encoders])
-            ids = self.token_ids.get(token)
-            if ids is None:
-                ids = self.token_ids[token] = [add_tokens(tokenizer, encoder, token, vectors) for tokenizer, encoder
-                                               in zip(parts.tokenizers, parts.text_encoders)][0]
-            if len(ids) != vectors:
-                raise CompareError(f"{settings.embedding} has {vectors} vector(s) but {token!r} was first loaded "
-                                   f"with {len(ids)}; compare embeddings of one run (same vector count)")
-            for encoder, values in zip(parts.text_encoders, tensors):  # one set per text encoder (SDXL: two)
-                weight = encoder.get_input_embeddings().weight
-                with torch.no_grad():
-                    weight[ids] = values.to(weight.device, weight.dtype)
-            spec = dataclasses.replace(spec, prompt=expand_name(spec.prompt, token, vectors),
-                                       negative_prompt=expand_name(spec.negative_prompt, token, vectors))
-        if not settings.lora:
+            spec = self._set_embedding(settings, parts, spec)
+        with contextlib.ExitStack() as undo:
+            if settings.hypernetwork:
+                network = self.hypernetwork(settings.hypernetwork, parts)
+                undo.callback(attach(parts, network, settings.hypernetwork_strength).remove)
+            if settings.lora:
+                self._merge_lora(settings, parts, undo)
             yield parts, spec
-            return
+
+    def _set_embedding(self, settings: Settings, parts: ModelParts, spec):
+        embedding = self.embedding(settings.embedding, parts)
+        token = settings.token or embedding.name
+        vectors = embedding.vectors.shape[0]
+        tensors = embedding.tensors_for([slot.embedding_key for slot in parts.family.text_encoders])
+        ids = self.token_ids.get(token)
+        if ids is None:
+            ids = self.token_ids[token] = [add_tokens(tokenizer, encoder, token, vectors) for tokenizer, encoder
+                                           in zip(parts.tokenizers, parts.text_encoders)][0]
+        if len(ids) != vectors:
+            raise CompareError(f"{settings.embedding} has {vectors} vector(s) but {token!r} was first loaded "
+                               f"with {len(ids)}; compare embeddings of one run (same vector count)")
+        for encoder, values in zip(parts.text_encoders, tensors):  # one set per text encoder (SDXL: two)
+            weight = encoder.get_input_embeddings().weight
+            with torch.no_grad():
+                weight[ids] = values.to(weight.device, weight.dtype)
+        return dataclasses.replace(spec, prompt=expand_name(spec.prompt, token, vectors),
+                                   negative_prompt=expand_name(spec.negative_prompt, token, vectors))
+
+    def _merge_lora(self, settings: Settings, parts: ModelParts, undo: contextlib.ExitStack) -> None:
         weights, metadata = read_network_file(settings.lora)
         shapes = {key: tuple(tensor.shape) for key, tensor in weights.items()}
         if problem := network_file_problem(settings.lora, shapes, metadata, header_of(parts)):
             raise CompareError(problem)
         saved = snapshot_weights(parts, weights)  # each cell merges onto the untouched base
-        try:
-            unmatched = merge_network(parts, weights, settings.multiplier)
-            if unmatched:
-                print(f"note: {settings.lora}: {len(unmatched)} module(s) match nothing in this model, "
-                      f"e.g. {unmatched[0]}")
-            yield parts, spec
-        finally:
-            restore_weights(saved)
+        undo.callback(restore_weights, saved)
+        unmatched = merge_network(parts, weights, settings.multiplier)
+        if unmatched:
+            print(f"note: {settings.lora}: {len(unmatched)} module(s) match nothing in this model, "
+                  f"e.g. {unmatched[0]}")
 
 
 # ---------------------------------------------------------------------------------------------- the plot

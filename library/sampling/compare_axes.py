@@ -1,6 +1,6 @@
-"""compare.py's axes and cells: what an X/Y/Z plot varies (checkpoints, LoRA multiplier, prompt
-search/replace, seed, CFG, steps, sampler) and the settings of each cell. Light on purpose: compare.py checks
-its arguments with this before any model library loads."""
+"""compare.py's axes and cells: what an X/Y/Z plot varies (checkpoints, LoRA multiplier, hypernetworks and their
+strengths, prompt search/replace, seed, CFG, steps, sampler) and the settings of each cell. Light on purpose:
+compare.py checks its arguments with this before any model library loads."""
 from __future__ import annotations
 
 import csv
@@ -16,10 +16,11 @@ from library.sampling.prompt_file import SampleSpec, canonical_sampler
 
 FILE_KINDS = ("model", "lora", "embedding")
 AXIS_KINDS = {"model": "full checkpoints", "lora": "LoRA, LoHa or LoKr files", "embedding": "embedding files",
+              "hypernetwork": "A1111 hypernetwork files, each with an optional strength (hn.pt:0.5; globs; none)",
               "multiplier": "LoRA multiplier", "sr": "prompt search/replace (the first value is searched)",
               "seed": "seeds", "cfg": "CFG scales", "steps": "sampling steps", "sampler": "sampler names"}
 ALIASES = {"checkpoint": "model", "prompt_sr": "sr", "prompt-sr": "sr", "s/r": "sr", "cfg_scale": "cfg",
-           "ti": "embedding", "weight": "multiplier"}
+           "ti": "embedding", "weight": "multiplier", "hypernet": "hypernetwork"}
 
 
 class CompareError(UserError, ValueError):
@@ -49,6 +50,8 @@ class Settings:
     lora: str = ""
     multiplier: float = 1.0
     embedding: str = ""
+    hypernetwork: str = ""  # an A1111 hypernetwork .pt
+    hypernetwork_strength: float = 1.0
     token: str = ""  # the embedding's word in prompts; "" = the (first) embedding file's name
     sr: tuple[str, str] | None = None
     clip_skip: int = 1
@@ -97,6 +100,30 @@ def _files(values: list[str], kind: str) -> list[str]:
     return files
 
 
+def split_strength(value: str) -> tuple[str, float | None]:
+    """"file.pt:0.5" → ("file.pt", 0.5); no number after the last ':' → (value, None), so Windows paths
+    ("C:\\x.pt") keep their drive letter."""
+    head, sep, tail = value.rpartition(":")
+    if sep and head:
+        try:
+            return head, float(tail)
+        except ValueError:
+            pass
+    return value, None
+
+
+def _hypernetwork_axis(values: list[str]) -> Axis:
+    """Cells set the file and its strength (1 when a value gives none)."""
+    cells, labels = [], []
+    for value in values:
+        path, strength = split_strength(value)
+        for found in _files([path], "hypernetwork"):
+            cells.append({"hypernetwork": found, "hypernetwork_strength": 1.0 if strength is None else strength})
+            label = Path(found).stem if found else "none"
+            labels.append(f"{label}:{strength:g}" if found and strength is not None else label)
+    return Axis("hypernetwork", cells, labels)
+
+
 def parse_axis(kind: str, text: str) -> Axis:
     """An axis from its kind (see AXIS_KINDS) and its comma-separated values."""
     kind = ALIASES.get(kind.lower(), kind.lower())
@@ -105,6 +132,8 @@ def parse_axis(kind: str, text: str) -> Axis:
     values = _split(text)
     if not values:
         raise CompareError(f"{kind} axis: no values in {text!r}")
+    if kind == "hypernetwork":
+        return _hypernetwork_axis(values)
     try:
         if kind in FILE_KINDS:
             files = _files(values, kind)
@@ -130,7 +159,8 @@ def cells(base: Settings, axes: list[Axis | None]) -> dict[tuple[int, int, int],
         settings = dataclasses.replace(base)
         for axis, value in zip(filled, (xv, yv, zv)):
             if axis.kind:
-                setattr(settings, axis.kind, value)
+                for key, part in (value.items() if isinstance(value, dict) else [(axis.kind, value)]):
+                    setattr(settings, key, part)  # a dict sets several settings (a file and its strength)
         out[(x, y, z)] = settings
     return out
 

@@ -119,7 +119,7 @@ def generate(parts: ModelParts, spec: SampleSpec, clip_skip: int = 1, max_token_
     Leaves RNG states and every module's mode as they were."""
     if spec.width % 8 or spec.height % 8:
         raise ValueError(f"preview size {spec.width}x{spec.height} must be a multiple of 8")
-    with preserved_rng(), eval_mode(*parts.networks()):
+    with preserved_rng(), eval_mode(*parts.networks(), *parts.adapters):
         # embeddings computed here, not by the pipeline: diffusers would re-expand multi-vector names and
         # apply its own clip_skip convention
         embeds = parts.family.prompt_embeds(_encoded(parts, spec.prompt, clip_skip, max_token_length),

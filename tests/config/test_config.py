@@ -10,6 +10,8 @@ from library.config.loading import ConfigError, config_to_toml, parse_override, 
 from library.config.trainers import infer_trainer
 from library.recipes.lora import LoraRunConfig
 from library.recipes.dreambooth import RECIPE as DREAMBOOTH
+from library.recipes.embedding_finetune import RECIPE as EMBEDDING_FINETUNE
+from library.recipes.hypernetwork import RECIPE as HYPERNETWORK
 from library.recipes.lora import RECIPE as LORA
 from library.recipes.textual_inversion import RECIPE as TEXTUAL_INVERSION
 from library.recipes.run import read_config
@@ -29,13 +31,16 @@ max_steps = 10
 def config_class_for(path: Path):
     """The recipe the queue would pick: the preset's `trainer` key, or its sections (library/config/trainers.py)."""
     trainer = infer_trainer(read_raw_config(path, []).data)
-    return {"lora": LORA, "textual_inversion": TEXTUAL_INVERSION, "dreambooth": DREAMBOOTH}[trainer]
+    return {"lora": LORA, "textual_inversion": TEXTUAL_INVERSION, "dreambooth": DREAMBOOTH,
+            "hypernetwork": HYPERNETWORK, "embedding_finetune": EMBEDDING_FINETUNE}[trainer]
 
 
 def test_presets_are_read_as_the_trainer_their_name_says():
     expected = {"quickstart_ti.toml": TEXTUAL_INVERSION, "ti_seed_tutorial.toml": TEXTUAL_INVERSION,
                 "dreambooth_sd15.toml": DREAMBOOTH, "quickstart_dreambooth.toml": DREAMBOOTH,
-                "lora_sd15_locon.toml": LORA, "ti_sdxl.toml": TEXTUAL_INVERSION, "dreambooth_sdxl.toml": DREAMBOOTH}
+                "lora_sd15_locon.toml": LORA, "ti_sdxl.toml": TEXTUAL_INVERSION, "dreambooth_sdxl.toml": DREAMBOOTH,
+                "hypernetwork_sd15.toml": HYPERNETWORK, "quickstart_hypernetwork.toml": HYPERNETWORK,
+                "embedding_finetune_sd15.toml": EMBEDDING_FINETUNE, "quickstart_embedding_finetune.toml": EMBEDDING_FINETUNE}
     for path in CONFIGS:
         assert config_class_for(path) is expected.get(path.name, LORA), path.name
 

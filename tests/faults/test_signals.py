@@ -92,3 +92,52 @@ def test_textual_inversion_stopped_saves_optim_and_an_a1111_resume_matches(tmp_p
     assert "optimizer state" in resumed.output.lower() or ".optim" in resumed.output
     actual = load_embedding(out / "continued.pt").vectors
     assert torch.equal(expected, actual), (expected - actual).abs().max()
+
+
+HN_RUN = """[hypernetwork]
+name = "kilnstyle"
+layer_structure = [1, 2, 1]
+weight_initialization = "XavierNormal"
+learn_rate = "0.001"
+[train]
+max_steps = 6
+batch_size = 1
+seed = 3
+[save]
+output_dir = "{tmp}/out"
+precision = "fp32"
+[hypernetwork_log]
+save_hypernetwork_every = 0
+create_image_every = 0
+write_csv_every = 0
+"""
+
+
+def test_hypernetwork_stopped_saves_optim_and_a_resume_from_the_file_matches(tmp_path):
+    """A hypernetwork continued A1111's way — from the file and the .optim beside it — after a Ctrl-C."""
+    import torch
+
+    import train_hypernetwork
+
+    def tensors(path):
+        data = torch.load(path, weights_only=True)
+        return {(size, index, key): value for size, pair in data.items() if isinstance(size, int)
+                for index, layers in enumerate(pair) for key, value in layers.items()}
+
+    whole = write_run_config(tmp_path / "whole", HN_RUN)
+    assert run_child(train_hypernetwork.main, [str(whole)]).code == 0
+    expected = tensors(tmp_path / "whole" / "out" / "kilnstyle.pt")
+
+    config = write_run_config(tmp_path / "cut", HN_RUN)
+    out = tmp_path / "cut" / "out"
+    stopped = run_child(train_hypernetwork.main, [str(config)], {"KILN_FAULTS": "step:3=sigint"})
+    assert stopped.code == 130, stopped.output[-3000:]
+    step_file = out / "kilnstyle-step00000003.pt"
+    assert step_file.is_file() and step_file.with_name(step_file.name + ".optim").is_file()
+
+    resumed = run_child(train_hypernetwork.main, [str(config), f"hypernetwork.resume={step_file}",
+                                                   "save.name=continued"])
+    assert resumed.code == 0, resumed.output[-3000:]
+    actual = tensors(out / "continued.pt")
+    assert expected.keys() == actual.keys()
+    assert all(torch.equal(expected[k], actual[k]) for k in expected)

@@ -114,3 +114,35 @@ def test_lora_axis_applies_loha_and_lokr_files(tmp_path):
     image = {p.stem: np.asarray(Image.open(p)) for p in (out / "cells").glob("*.png")}
     none, loha, lokr = image["x00-y00-z00"], image["x01-y00-z00"], image["x02-y00-z00"]
     assert not np.array_equal(none, loha) and not np.array_equal(none, lokr) and not np.array_equal(loha, lokr)
+
+
+def _hypernetwork_file(path, seed: int) -> None:
+    from library.networks.hypernetwork import Hypernetwork, save_hypernetwork, unet_widths
+    from library.networks.hypernetwork_spec import HypernetworkSpec
+
+    spec = HypernetworkSpec(weight_initialization="XavierNormal")
+    network = Hypernetwork(spec, unet_widths(build_builtin("tiny-sd15")), "hn")
+    save_hypernetwork(network.initialise(torch.Generator().manual_seed(seed)), path)
+
+
+def test_hypernetwork_axis_applies_files_at_their_strengths(tmp_path):
+    _hypernetwork_file(tmp_path / "hn.pt", 1)
+    axis = parse_axis("hypernetwork", f"none, {(tmp_path / 'hn.pt').as_posix()}:0.5, {(tmp_path / '*.pt').as_posix()}")
+    assert axis.labels == ["none", "hn:0.5", "hn"]
+    out = tmp_path / "cmp"
+    assert compare.main(["--model", "builtin:tiny-sd15", "--prompt", "a kiln pot", "--steps", "2", "--x", "hypernetwork",
+                         f"none,{(tmp_path / 'hn.pt').as_posix()}:0.5,{(tmp_path / 'hn.pt').as_posix()}",
+                         "--y", "seed", "1,1", "--output", str(out)]) == 0
+    image = {p.stem: np.asarray(Image.open(p)) for p in (out / "cells").glob("*.png")}
+    none, half, full = image["x00-y00-z00"], image["x01-y00-z00"], image["x02-y00-z00"]
+    assert not np.array_equal(none, half) and not np.array_equal(half, full) and not np.array_equal(none, full)
+    assert np.array_equal(none, image["x00-y01-z00"]) and np.array_equal(full, image["x02-y01-z00"])  # taken off
+    cell = json.loads(Image.open(out / "cells" / "x01-y00-z00.png").text["kiln_compare"])
+    assert cell["hypernetwork"].endswith("hn.pt") and cell["hypernetwork_strength"] == 0.5
+    # --hypernetwork applies one file to every cell; a lora axis runs on top of it
+    _lora_file(tmp_path / "l.safetensors", 2)
+    out2 = tmp_path / "cmp2"
+    assert compare.main(["--model", "builtin:tiny-sd15", "--prompt", "a kiln pot", "--steps", "2", "--hypernetwork",
+                         f"{(tmp_path / 'hn.pt').as_posix()}:0.5", "--seed", "1", "--x", "lora",
+                         f"none,{(tmp_path / 'l.safetensors').as_posix()}", "--output", str(out2)]) == 0
+    assert np.array_equal(np.asarray(Image.open(out2 / "cells" / "x00-y00-z00.png")), half)
