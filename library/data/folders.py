@@ -137,7 +137,8 @@ def _suggest_folder_name(name: str) -> str:
 
 
 def _is_image(path: Path) -> bool:
-    return path.suffix.lower() in IMAGE_EXTENSIONS
+    """A training image: an image file that is not a loss mask (`<stem>.mask.png`, library/data/masks.py)."""
+    return path.suffix.lower() in IMAGE_EXTENSIONS and not path.stem.lower().endswith(".mask")
 
 
 def subsets_from_folder(root: Path, is_reg: bool = False, caption_extension: str = ".txt") -> list[Subset]:

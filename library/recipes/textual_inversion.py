@@ -205,13 +205,13 @@ class TextualInversionRecipe(Recipe):
 
     def build(self, parts, run) -> Built | None:
         # imported here: they pull in torch and diffusers, which --help/--check do not need
-        from library.data.captions import CaptionOptions
         from library.data.prompts import PromptedData, template_lines
         from library.networks.embedding_names import expand_name
         from library.networks.embedding_trainable import EmbeddingTrainable
         from library.networks.embeddings import add_tokens, init_vectors
         from library.models.hashes import a1111_short_hash
         from library.recipes.a1111_log import A1111Log
+        from library.recipes.resolve import caption_options
 
         config: TIRunConfig = run.config
         emb, ds = config.embedding, config.dataset
@@ -233,8 +233,7 @@ class TextualInversionRecipe(Recipe):
         trainable = EmbeddingTrainable(parts, emb.name, vectors, ids, lr, emb.format, run.save_dtype,
                                        a1111_short_hash(config.model.path))
         lines = template_lines(emb.template)
-        options = CaptionOptions(ds.caption_prefix, ds.caption_suffix, emb.shuffle_tags, ds.keep_tokens,
-                                 ds.caption_dropout_rate, emb.tag_dropout)
+        options = dataclasses.replace(caption_options(ds), shuffle=emb.shuffle_tags, tag_dropout_rate=emb.tag_dropout)
         latent_factor = 2 ** (len(parts.vae.config.block_out_channels) - 1)
         prompted = PromptedData(run.data, lines, emb.name, emb.vectors, options, emb.use_alpha_weight, latent_factor)
         if not prompted.name_reaches_prompts():

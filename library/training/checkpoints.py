@@ -50,16 +50,18 @@ def existing_outputs(output_dir: Path, name: str) -> list[Path]:
     """Files, model folders (no suffix) and state folders an earlier run with this name left in output_dir."""
     if not output_dir.is_dir():
         return []
-    pattern = re.compile(rf"^{re.escape(name)}(-\d{{6}}|-step\d{{8}})?(-state|\.[A-Za-z0-9]+)?$")
+    pattern = re.compile(rf"^{re.escape(name)}(-\d{{6}}|-step\d{{8}})?(-ema)?(-state|\.[A-Za-z0-9]+)?$")
     return sorted(p for p in output_dir.iterdir() if pattern.match(p.name))
 
 
 def remove_artifact(artifact: Path) -> None:
-    """Delete an intermediate artifact (file or diffusers folder), its state folder and sidecars (`.optim`)."""
-    if artifact.is_dir():
-        shutil.rmtree(artifact)
-    elif artifact.exists():
-        artifact.unlink()
+    """Delete an intermediate artifact (file or diffusers folder), its EMA twin (`<stem>-ema<suffix>`), its
+    state folder and sidecars (`.optim`)."""
+    for path in (artifact, artifact.with_name(artifact.stem + "-ema" + artifact.suffix)):
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
     state = state_dir_for(artifact)
     if state.is_dir():
         shutil.rmtree(state)
@@ -79,14 +81,17 @@ def prune_saved(saved: list[Path], keep_last: int) -> list[Path]:
 
 
 def save_state(folder: Path, progress: Progress, trainable: dict[str, torch.Tensor], optimizer, scheduler,
-               scaler=None, extra: dict | None = None) -> None:
-    """Everything needed to continue exactly: trainable tensors, optimizer, LR schedule, step/epoch/batch.
+               scaler=None, extra: dict | None = None, ema: dict[str, torch.Tensor] | None = None) -> None:
+    """Everything needed to continue exactly: trainable tensors, optimizer, LR schedule, step/epoch/batch, and
+    the weights' moving average when the run keeps one (`ema.safetensors`; states without it still load).
     Data order and noise are derived from (seed, step), so no RNG state is needed."""
     tmp = folder.with_name(f".{folder.name}.tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     save_file({k: v.detach().cpu().contiguous() for k, v in trainable.items()}, str(tmp / "trainable.safetensors"))
+    if ema is not None:
+        save_file({k: v.detach().cpu().contiguous() for k, v in ema.items()}, str(tmp / "ema.safetensors"))
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
     if scaler is not None:
@@ -105,6 +110,7 @@ class LoadedState:
     optimizer: dict
     scheduler: dict
     scaler: dict | None
+    ema: dict[str, torch.Tensor] | None = None  # the weights' moving average, when the run kept one
 
 
 def load_state(folder: Path) -> LoadedState:
@@ -115,7 +121,7 @@ def load_state(folder: Path) -> LoadedState:
         raise ValueError(f"{folder} is not a complete training state (missing {', '.join(missing)})")
     info = json.loads((folder / "progress.json").read_text())
     progress = Progress(info.pop("global_step"), info.pop("epoch"), info.pop("next_batch"))
-    scaler_path = folder / "scaler.pt"
+    scaler_path, ema_path = folder / "scaler.pt", folder / "ema.safetensors"
     return LoadedState(
         progress=progress,
         extra=info,
@@ -123,4 +129,5 @@ def load_state(folder: Path) -> LoadedState:
         optimizer=torch.load(folder / "optimizer.pt", weights_only=True),
         scheduler=torch.load(folder / "scheduler.pt", weights_only=True),
         scaler=torch.load(scaler_path, weights_only=True) if scaler_path.is_file() else None,
+        ema=load_file(str(ema_path)) if ema_path.is_file() else None,
     )
