@@ -27,7 +27,8 @@ def train_option_problems(train: "TrainSection") -> list[str]:
     huber_keys = [key for key, default in (("huber_schedule", "snr"), ("huber_c", 0.1), ("huber_scale", 1.0))
                   if getattr(train, key) != default]
     if huber_keys and train.loss_type not in ("huber", "smooth_l1"):
-        problems.append(f"{', '.join('train.' + k for k in huber_keys)} apply to train.loss_type = \"huber\" or "
+        verb = "applies" if len(huber_keys) == 1 else "apply"
+        problems.append(f"{', '.join('train.' + k for k in huber_keys)} {verb} to train.loss_type = \"huber\" or "
                         f"\"smooth_l1\" only (this is \"{train.loss_type}\")")
     elif train.huber_scale != 1.0 and train.huber_schedule == "snr":
         problems.append("train.huber_scale has no effect with train.huber_schedule = \"snr\" (as in sd-scripts): "

@@ -12,6 +12,9 @@
 """
 from __future__ import annotations
 
+import contextlib
+from typing import Iterator
+
 import torch
 
 def trained_dtype(full_bf16: bool, full_fp16: bool) -> torch.dtype:
@@ -72,6 +75,20 @@ class FusedBackward:
             copy_stochastic_(low, param.data)
             param.data = low
         param.grad = None
+
+    @contextlib.contextmanager
+    def fp32_state_loading(self) -> Iterator[None]:
+        """Load an optimizer state inside this block: torch casts a loaded state to its parameter's dtype, but
+        the fused pass keeps Adafactor's state of bf16 weights in fp32 (it steps in fp32), so the weights are
+        fp32 (exactly, from bf16) while the state loads."""
+        halves = [p for group in self.optimizer.param_groups for p in group["params"] if p.dtype == torch.bfloat16]
+        for param in halves:
+            param.data = param.data.float()
+        try:
+            yield
+        finally:
+            for param in halves:
+                param.data = param.data.to(torch.bfloat16)
 
     def remove(self) -> None:
         for handle in self.handles:

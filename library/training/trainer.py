@@ -2,6 +2,7 @@
 decides HOW: noise, loss, accumulation, mixed precision, checkpoints, resume, Ctrl-C, progress and logs."""
 from __future__ import annotations
 
+import contextlib
 import math
 import sys
 import warnings
@@ -166,7 +167,8 @@ class Trainer:
         folder = Path(self.config.save.resume)
         state = load_state(folder)
         self.trainable.load_state_dict(state.trainable)
-        loop.optimizer.load_state_dict(state.optimizer)
+        with loop.fused.fp32_state_loading() if loop.fused else contextlib.nullcontext():
+            loop.optimizer.load_state_dict(state.optimizer)
         loop.scheduler.load_state_dict(state.scheduler)
         if state.scaler is not None and loop.accelerator.scaler is not None:
             loop.accelerator.scaler.load_state_dict(state.scaler)
