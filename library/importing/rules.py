@@ -99,7 +99,13 @@ def _warmup(value: Any, options: dict, skip) -> Values:
 
 _LYCORIS_TYPES = {"locon": "lora", "loha": "loha", "lokr": "lokr"}
 _NETWORK_ARGS = {"conv_dim": ("network.conv_rank", _int), "conv_alpha": ("network.conv_alpha", float),
-                 "factor": ("network.factor", int)}
+                 "factor": ("network.factor", int), "rank_dropout": ("network.rank_dropout", float),
+                 "module_dropout": ("network.module_dropout", float),
+                 "block_lr_zero_threshold": ("network.block_lr_zero_threshold", float)}
+# block-wise arguments: sd-scripts' strings ("1,0.5,...", "sine+0.5") are Kiln's values as they are
+_BLOCK_ARGS = ("down_lr_weight", "mid_lr_weight", "up_lr_weight", "block_dims", "block_alphas", "conv_block_dims",
+               "conv_block_alphas")
+_LORA_ONLY_ARGS = ("rank_dropout", "module_dropout")
 
 
 def _network(value: Any, options: dict, skip) -> Values:
@@ -119,28 +125,63 @@ def _network(value: Any, options: dict, skip) -> Values:
     for key, raw in args.items():
         if key == "algo":
             continue
-        if key in _NETWORK_ARGS and (key != "factor" or kind == "lokr"):
+        if key in _LORA_ONLY_ARGS and kind != "lora":
+            skip(f"network_args {key}", raw, f"LoRA's in Kiln; its {kind} has no {key}")
+        elif key in _NETWORK_ARGS and (key != "factor" or kind == "lokr"):
             target, cast = _NETWORK_ARGS[key]
             try:
                 values[target] = cast(float(raw)) if cast is not float else float(raw)
             except (ValueError, NotImported):
                 skip(f"network_args {key}", raw, "not a number")
-            continue
-        skip(f"network_args {key}", raw, _NETWORK_ARG_REASONS.get(key, "no Kiln setting for this network "
-                                                                       "argument"))
+        elif key in _BLOCK_ARGS:
+            values[f"network.{key}"] = raw
+        else:
+            skip(f"network_args {key}", raw, _NETWORK_ARG_REASONS.get(key, "no Kiln setting for this network "
+                                                                           "argument"))
     return values
 
 
 _NETWORK_ARG_REASONS = {
-    "rank_dropout": "Kiln has network.dropout (on the whole module output) only",
-    "module_dropout": "Kiln has network.dropout (on the whole module output) only",
     "preset": "Kiln chooses the modules itself (attention, MLP and, with conv_rank, ResNet convolutions)",
-    "down_lr_weight": "block learning-rate weights are not supported", "mid_lr_weight": "block weights: n/a",
-    "up_lr_weight": "block learning-rate weights are not supported",
-    "block_lr_zero_threshold": "block learning-rate weights are not supported",
-    "block_dims": "per-block ranks are not supported", "block_alphas": "per-block alphas are not supported",
-    "conv_block_dims": "per-block ranks are not supported", "conv_block_alphas": "per-block alphas: n/a",
 }
+
+
+def _needs(other: str, key: str, cast: Callable[[Any], Any] = lambda v: v) -> Converter:
+    """An option that does nothing without `other` (sd-scripts ignores it, Kiln refuses it): imported with it."""
+    def convert(value: Any, options: dict, skip) -> Values:
+        if not options.get(other) or options.get(other) == _OFF.get(other):
+            raise NotImported(f"no effect without {other}")
+        return {key: cast(value)}
+    return convert
+
+
+_OFF = {"loss_type": "l2"}
+
+
+def _huber(key: str) -> Converter:
+    """huber_c / huber_schedule / huber_scale: only with a Huber loss (and huber_scale not with the snr
+    schedule, where sd-scripts ignores it)."""
+    def convert(value: Any, options: dict, skip) -> Values:
+        if options.get("loss_type") not in ("huber", "smooth_l1"):
+            raise NotImported("no effect without loss_type huber or smooth_l1")
+        if key == "huber_scale" and options.get("huber_schedule", "snr") == "snr":
+            raise NotImported("sd-scripts ignores huber_scale with huber_schedule snr")
+        return {f"train.{key}": float(value) if key != "huber_schedule" else value}
+    return convert
+
+
+def _fresh_pixels(key: str, transform: Callable[[Any], Any] = lambda v: v) -> Converter:
+    """color_aug / face_crop_aug_range change the pixels every step: latents are then encoded every step, as
+    sd-scripts does (it makes such datasets uncacheable)."""
+    return lambda value, options, skip: {f"dataset.{key}": transform(value), "dataset.cache_latents": "off"}
+
+
+def _pair(value: Any) -> list[float]:
+    parts = [float(p) for p in str(value).replace("[", "").replace("]", "").split(",")] \
+        if not isinstance(value, list) else [float(v) for v in value]
+    if len(parts) != 2:
+        raise NotImported(f"{value!r} is not \"low,high\"")
+    return parts
 
 
 def _attention(name: str) -> Converter:
@@ -216,9 +257,9 @@ def _refuse(reason: str) -> Converter:
 
 
 def _loss_type(value: Any, options: dict, skip) -> Values:
-    if value != "l2":
-        raise NotImported(f"loss_type {value!r} is {_UNSUPPORTED} (Kiln trains with l2, sd-scripts' default)")
-    return {}
+    if value not in ("l2", "l1", "huber", "smooth_l1"):
+        raise NotImported(f"loss_type {value!r} is not one of l2, l1, huber, smooth_l1")
+    return {"train.loss_type": value}
 
 
 _UNSUPPORTED = "not implemented in Kiln"
@@ -248,7 +289,8 @@ RULES: tuple[Rule, ...] = (
     Rule("unet_lr", "network.unet_lr", convert=_to("network.unet_lr", float), trainers=LORA),
     Rule("text_encoder_lr", "network.text_encoder_lr", "a list (one per text encoder): the first",
          _to("network.text_encoder_lr", lambda v: float(_first(v))), LORA),
-    Rule("scale_weight_norms", *_not("max-norm regularisation is " + _UNSUPPORTED)),
+    Rule("scale_weight_norms", "network.scale_weight_norms", convert=_to("network.scale_weight_norms", float),
+         trainers=LORA),
     Rule("dim_from_weights", *_not("set network.rank to the file's rank with network.init_weights")),
     # textual inversion (train_textual_inversion.py)
     Rule("token_string", "embedding.name", trainers=TI),
@@ -293,8 +335,9 @@ RULES: tuple[Rule, ...] = (
          "1600)", _to("train.max_steps", _int)),
     # training
     Rule("mixed_precision", "train.mixed_precision", convert=_mixed),
-    Rule("full_fp16", *_not("Kiln keeps trained weights in fp32 (mixed precision covers the rest)")),
-    Rule("full_bf16", *_not("Kiln keeps trained weights in fp32 (mixed precision covers the rest)")),
+    Rule("full_fp16", "train.full_fp16"),
+    Rule("full_bf16", "train.full_bf16"),
+    Rule("fused_backward_pass", "optimizer.fused_backward_pass", "Adafactor only, as in sd-scripts"),
     Rule("gradient_checkpointing", "train.gradient_checkpointing"),
     Rule("seed", "train.seed", convert=_to("train.seed", _int)),
     Rule("noise_offset", "train.noise_offset", convert=_to("train.noise_offset", float)),
@@ -303,17 +346,35 @@ RULES: tuple[Rule, ...] = (
     Rule("sdpa", "train.attention", 'true → "sdpa"', _attention("sdpa")),
     Rule("mem_eff_attn", "train.attention", 'true → "sdpa" (PyTorch\'s memory-efficient attention)',
          _attention("sdpa")),
+    *(Rule(name, f"train.{name}", convert=_to(f"train.{name}", cast)) for name, cast in (
+        ("multires_noise_iterations", _int), ("ip_noise_gamma", float), ("zero_terminal_snr", bool),
+        ("debiased_estimation_loss", bool), ("scale_v_pred_loss_like_noise_pred", bool), ("v_pred_like_loss", float),
+        ("min_timestep", _int), ("max_timestep", _int))),
+    Rule("multires_noise_discount", "train.multires_noise_discount", "with multires_noise_iterations",
+         _needs("multires_noise_iterations", "train.multires_noise_discount", float)),
+    Rule("adaptive_noise_scale", "train.adaptive_noise_scale", "with noise_offset",
+         _needs("noise_offset", "train.adaptive_noise_scale", float)),
+    Rule("noise_offset_random_strength", "train.noise_offset_random_strength", "with noise_offset",
+         _needs("noise_offset", "train.noise_offset_random_strength")),
+    Rule("ip_noise_gamma_random_strength", "train.ip_noise_gamma_random_strength", "with ip_noise_gamma",
+         _needs("ip_noise_gamma", "train.ip_noise_gamma_random_strength")),
+    Rule("loss_type", "train.loss_type", "l2, l1, huber, smooth_l1", _loss_type),
+    *(Rule(name, f"train.{name}", "with loss_type huber / smooth_l1", _huber(name))
+      for name in ("huber_schedule", "huber_c", "huber_scale")),
+    Rule("masked_loss", "dataset.masked_loss", "masks from conditioning_data_dir (per subset) or <stem>.mask.png"),
+    Rule("alpha_mask", "dataset.alpha_mask"),
+    Rule("color_aug", "dataset.color_aug", "also sets dataset.cache_latents = \"off\" (new pixels every step)",
+         _fresh_pixels("color_aug")),
+    Rule("face_crop_aug_range", "dataset.face_crop_aug_range", "\"low,high\" → [low, high]; also sets "
+         "dataset.cache_latents = \"off\"", _fresh_pixels("face_crop_aug_range", _pair)),
+    Rule("keep_tokens_separator", "dataset.keep_tokens_separator"),
+    Rule("secondary_separator", "dataset.secondary_separator"),
+    Rule("enable_wildcard", "dataset.enable_wildcard"),
     *(Rule(name, *_not(_UNSUPPORTED)) for name in (
-        "multires_noise_iterations", "multires_noise_discount", "adaptive_noise_scale",
-        "noise_offset_random_strength", "ip_noise_gamma", "ip_noise_gamma_random_strength", "zero_terminal_snr",
-        "debiased_estimation_loss", "scale_v_pred_loss_like_noise_pred", "v_pred_like_loss", "min_timestep",
-        "max_timestep", "masked_loss", "alpha_mask", "weighted_captions", "max_token_length", "color_aug",
-        "face_crop_aug_range", "caption_dropout_every_n_epochs", "token_warmup_min", "token_warmup_step",
-        "keep_tokens_separator", "secondary_separator", "caption_separator", "enable_wildcard",
-        "conditioning_data_dir", "fp8_base")),
-    Rule("loss_type", "", "only l2 (sd-scripts' default) is implemented: l2 needs no key", _loss_type),
-    Rule("huber_schedule", *_not("huber loss is " + _UNSUPPORTED)),
-    Rule("huber_c", *_not("huber loss is " + _UNSUPPORTED)),
+        "weighted_captions", "max_token_length", "caption_dropout_every_n_epochs", "token_warmup_min",
+        "token_warmup_step", "caption_separator", "fp8_base")),
+    Rule("conditioning_data_dir", "dataset.subsets[].mask_dir", "a subset's masks (with masked_loss = true); "
+         "read in dataset configs", _refuse("a subset key: give it in the dataset config's subset")),
     # saving and logging
     Rule("output_dir", "save.output_dir"),
     Rule("output_name", "save.name"),
