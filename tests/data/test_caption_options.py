@@ -135,5 +135,5 @@ def test_training_data_applies_color_aug_only_to_fresh_pixels(tmp_path):
     differing = sum(not plain.pixels(0, False, random.Random(s)).equal(augmented.pixels(0, False, random.Random(s)))
                     for s in range(30))
     assert 0 < differing < 30
-    with pytest.raises(Exception):
+    with pytest.raises(ValueError, match="2 bucket sizes for 1 items"):
         TrainingData([item], CaptionOptions(), 64, 1, 0, sizes=[(64, 64), (64, 64)])

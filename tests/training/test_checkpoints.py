@@ -67,3 +67,14 @@ def test_existing_outputs_finds_this_names_files_only(tmp_path):
     (tmp_path / "t2.safetensors").write_bytes(b"")
     (tmp_path / "other-000001.safetensors").write_bytes(b"")
     assert existing_outputs(tmp_path, "t") == sorted(mine + [state_dir_for(mine[0])])
+
+
+def test_ema_twins_count_as_outputs_and_are_pruned_with_their_artifact(tmp_path):
+    from library.training.checkpoints import existing_outputs, remove_artifact
+
+    for name in ("t-000001.safetensors", "t-000001-ema.safetensors", "t-ema.safetensors", "other.safetensors"):
+        (tmp_path / name).write_bytes(b"x")
+    found = [p.name for p in existing_outputs(tmp_path, "t")]
+    assert found == ["t-000001-ema.safetensors", "t-000001.safetensors", "t-ema.safetensors"]
+    remove_artifact(tmp_path / "t-000001.safetensors")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["other.safetensors", "t-ema.safetensors"]
