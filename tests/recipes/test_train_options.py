@@ -146,12 +146,13 @@ def test_fully_masked_images_teach_nothing(tmp_path):
     assert summary["final_loss"] == 0.0
 
 
-def test_textual_inversion_keeps_an_ema_beside_and_trains_with_alpha_masks(tmp_path):
+def test_textual_inversion_keeps_an_ema_beside_and_trains_with_alpha_masks(tmp_path, capsys):
     train = tmp_path / "train"
     shutil.copytree(SAMPLES, train)
-    first = next((train / "10_kiln pot").glob("*.png"))
+    first = sorted((train / "10_kiln pot").glob("*.png"))[0]
     rgba = Image.open(first).convert("RGBA")
-    rgba.putalpha(Image.new("L", rgba.size, 0).point(lambda _: 0).resize(rgba.size))
+    rgba.putalpha(Image.new("L", rgba.size, 0))  # a fully transparent image: it teaches nothing
+    rgba.save(first)
     config = write_run_config(tmp_path, '[dataset]\ntrain_dir = "{train}"\nresolution = 64\nalpha_mask = true\n'
                                          '[embedding]\nname = "kilnema"\ninit_text = "pot"\nformat = "safetensors"\n'
                                          '[ti_log]\nsave_embedding_every = 0\ncreate_image_every = 0\n'
@@ -160,6 +161,7 @@ def test_textual_inversion_keeps_an_ema_beside_and_trains_with_alpha_masks(tmp_p
                                          'batch_size = 2\n[save]\noutput_dir = "{tmp}/out"\nname = "kilnema"\n'
                                          'precision = "fp32"\n', train)
     assert train_textual_inversion.main([str(config)]) == 0
+    assert "loss masks: 6 of 6 images have one" in capsys.readouterr().out
     live = load_file(str(tmp_path / "out" / "kilnema.safetensors"))["emb_params"]
     ema = load_file(str(tmp_path / "out" / "kilnema-ema.safetensors"))["emb_params"]
     assert live.shape == ema.shape and not torch.equal(live, ema)
