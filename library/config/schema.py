@@ -32,6 +32,13 @@ class SubsetSection(Section):
     class_tokens: str = ""
     is_reg: bool = False
     caption_extension: str = ""  # empty = dataset.caption_extension
+    caption_prefix: str | None = None  # None = dataset.caption_prefix
+    caption_suffix: str | None = None
+    loss_weight: float = Field(1.0, ge=0)  # multiplies each of its images' loss (OneTrainer's concept loss_weight)
+    # loss masks (library/data/masks.py); None = the dataset's setting for training folders, off for reg folders
+    masked_loss: bool | None = None
+    alpha_mask: bool | None = None
+    mask_dir: str = ""  # this folder's masks, named like the images (sd-scripts' conditioning_data_dir)
 
 
 class DatasetSection(Section):
@@ -47,9 +54,18 @@ class DatasetSection(Section):
     keep_tokens: int = Field(0, ge=0)
     caption_dropout_rate: float = Field(0.0, ge=0, le=1)
     caption_tag_dropout_rate: float = Field(0.0, ge=0, le=1)
+    keep_tokens_separator: str = ""  # e.g. "|||": tags before it are kept in place, after a second one too
+    secondary_separator: str = ""  # e.g. ";;;": joins tags that shuffle and drop as one
+    enable_wildcard: bool = False  # {a|b|c} in captions: one option picked per sample
     flip_aug: bool = False
     random_crop: bool = False
+    color_aug: bool = False  # sd-scripts' hue/gamma jitter; needs cache_latents = "off"
+    face_crop_aug_range: list[float] | None = Field(None, min_length=2, max_length=2)  # [lo, hi], files *_cx_cy_w_h
     skip_bad_images: bool = False
+    # loss masks for the training folders (library/data/masks.py): white trains, black is ignored
+    masked_loss: bool = False  # a mask per image: <stem>.mask.png beside it, or in mask_dir
+    mask_dir: str = ""  # masks named like the images, in the same NN_name folders
+    alpha_mask: bool = False  # the images' own alpha channel is the mask
     # aspect-ratio buckets (library/buckets.py)
     enable_buckets: bool = False
     min_bucket_reso: int = Field(0, ge=0, le=8192)  # 0 = resolution / 2
@@ -74,6 +90,14 @@ class DatasetSection(Section):
         if self.random_crop and self.cache_latents != "off":
             raise ValueError("dataset.random_crop changes the crop every step, so cached latents would be stale: "
                              "set dataset.cache_latents = 'off' or dataset.random_crop = false")
+        return self
+
+    @model_validator(mode="after")
+    def _augmentation_and_masks(self) -> "DatasetSection":
+        from library.config.options import dataset_option_problems
+
+        if problems := dataset_option_problems(self):
+            raise ValueError("\n".join(problems))  # one bullet each
         return self
 
     @model_validator(mode="after")
@@ -103,7 +127,8 @@ class DatasetSection(Section):
             return self
         varying = [f"dataset.{key}" for key, on in (("shuffle_caption", self.shuffle_caption),
                                                     ("caption_dropout_rate", self.caption_dropout_rate > 0),
-                                                    ("caption_tag_dropout_rate", self.caption_tag_dropout_rate > 0))
+                                                    ("caption_tag_dropout_rate", self.caption_tag_dropout_rate > 0),
+                                                    ("enable_wildcard", self.enable_wildcard))
                    if on]
         if varying:
             raise ValueError(f"dataset.cache_text_encoder_outputs = true needs captions that never change, but "
@@ -122,6 +147,7 @@ class OptimizerSection(Section):
     num_cycles: int = Field(1, ge=1)
     power: float = Field(1.0, gt=0)
     max_grad_norm: float = Field(1.0, ge=0)  # 0 = no clipping
+    fused_backward_pass: bool = False  # Adafactor: each tensor steps as its gradient is ready (sd-scripts')
 
     @model_validator(mode="after")
     def _one_warmup(self) -> "OptimizerSection":
@@ -138,8 +164,29 @@ class TrainSection(Section):
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     gradient_checkpointing: bool = False
     seed: int = 42
+    # noise and timesteps (library/training/noise.py), each as the sd-scripts option of the same name
     noise_offset: float = Field(0.0, ge=0, le=1)
+    noise_offset_random_strength: bool = False
+    adaptive_noise_scale: float = Field(0.0, ge=0)
+    multires_noise_iterations: int = Field(0, ge=0, le=64)  # 0 = off; 6-10 usual
+    multires_noise_discount: float = Field(0.3, gt=0, le=1)
+    ip_noise_gamma: float = Field(0.0, ge=0, le=1)  # 0 = off; ~0.1 usual
+    ip_noise_gamma_random_strength: bool = False
+    zero_terminal_snr: bool = False
+    min_timestep: int = Field(0, ge=0, le=999)
+    max_timestep: int = Field(1000, ge=1, le=1000)  # exclusive
+    # the loss (library/training/loss.py)
+    loss_type: Literal["l2", "l1", "huber", "smooth_l1"] = "l2"
+    huber_schedule: Literal["constant", "exponential", "snr"] = "snr"
+    huber_c: float = Field(0.1, gt=0, le=1)
+    huber_scale: float = Field(1.0, gt=0)
     min_snr_gamma: float = Field(0.0, ge=0)  # 0 = off
+    debiased_estimation_loss: bool = False
+    v_pred_like_loss: float = Field(0.0, ge=0)  # ε models only
+    scale_v_pred_loss_like_noise_pred: bool = False  # v models only
+    # trained weights and optimizer state in half precision (library/training/precision.py)
+    full_bf16: bool = False
+    full_fp16: bool = False
     max_token_length: Literal[75, 150, 225] = 75  # caption tokens the text encoder reads (sd-scripts' option)
     attention: Literal["auto", "sdpa", "xformers"] = "auto"
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
@@ -151,6 +198,14 @@ class TrainSection(Section):
     def _one_length(self) -> "TrainSection":
         if (self.max_steps is None) == (self.epochs is None):
             raise ValueError("set exactly one of train.max_steps and train.epochs")
+        return self
+
+    @model_validator(mode="after")
+    def _options(self) -> "TrainSection":
+        from library.config.options import train_option_problems
+
+        if problems := train_option_problems(self):
+            raise ValueError("\n".join(problems))  # one bullet each
         return self
 
 
@@ -168,6 +223,17 @@ class SaveSection(Section):
 
 class LoggingSection(Section):
     log_dir: str = "logs"
+
+
+class EmaSection(Section):
+    """An exponential moving average of the trained weights (library/training/ema.py; OneTrainer's EMA)."""
+
+    enabled: bool = False
+    decay: float = Field(0.999, gt=0, lt=1)
+    update_interval: int = Field(5, ge=1)  # update every N optimizer steps (OneTrainer's default 5)
+    warmup: bool = True  # decay min((1 + step) / (10 + step), decay), as OneTrainer
+    device: Literal["train", "cpu"] = "train"  # "cpu" keeps the average in CPU memory (saves GPU memory)
+    save_as: Literal["result", "beside"] = "result"  # the saved files hold it, or <name>-ema.<ext> beside them
 
 
 class SampleSection(Section):
@@ -213,6 +279,7 @@ class RunConfig(Section):
     save: SaveSection = SaveSection()
     logging: LoggingSection = LoggingSection()
     sample: SampleSection = SampleSection()
+    ema: EmaSection = EmaSection()
 
     @field_validator("trainer")
     @classmethod
@@ -223,3 +290,11 @@ class RunConfig(Section):
         if value not in TRAINER_SCRIPTS or (expected is not None and value != expected):
             raise ValueError(wrong_trainer_message(value, expected or value))
         return value
+
+    @model_validator(mode="after")
+    def _across_sections(self) -> "RunConfig":
+        from library.config.options import run_option_problems
+
+        if problems := run_option_problems(self):
+            raise ValueError("\n".join(problems))  # one bullet each
+        return self

@@ -61,10 +61,19 @@ class Batch:
     flips: list[bool]
     loss_weight: torch.Tensor | None = None  # per-pixel loss weights [B, 1, h, w] at latent resolution
     geometry: list[SampleGeometry] = field(default_factory=list)  # per sample (batches of TrainingData)
+    sample_weights: tuple[float, ...] | None = None  # per-sample loss weights (their folders' loss_weight)
 
     @property
     def is_reg(self) -> torch.Tensor:
         return torch.tensor([item.is_reg for item in self.items])
+
+
+@dataclass(frozen=True)
+class SubsetData:
+    """What a folder sets for its own images: caption options and the loss weight of each of its samples."""
+
+    captions: CaptionOptions
+    loss_weight: float = 1.0
 
 
 class TrainingData:
@@ -72,10 +81,14 @@ class TrainingData:
 
     def __init__(self, items: list[ImageItem], captions: CaptionOptions, resolution: int, batch_size: int,
                  seed: int, flip_aug: bool = False, random_crop: bool = False,
-                 sizes: list[tuple[int, int]] | None = None, image_sizes: list[Size] | None = None):
+                 sizes: list[tuple[int, int]] | None = None, image_sizes: list[Size] | None = None,
+                 subsets: dict[int, SubsetData] | None = None, color_aug: bool = False,
+                 face_crop_range: tuple[float, float] | None = None):
         """`sizes`: each item's bucket (width, height); None trains every item at resolution².
         `image_sizes`: each item's upright (width, height) when already known (buckets read them); otherwise
-        read from the file headers when first needed."""
+        read from the file headers when first needed. `subsets`: per subset index, settings that differ from
+        `captions` and weight 1. color_aug / face_crop_range: sd-scripts' pixel augmentations
+        (library/data/augment.py), for latents encoded every step."""
         if sizes is not None and len(sizes) != len(items):
             raise ValueError(f"{len(sizes)} bucket sizes for {len(items)} items")
         self.items = items
@@ -86,8 +99,14 @@ class TrainingData:
         self.flip_aug = flip_aug
         self.random_crop = random_crop
         self.sizes = sizes
+        self.subsets = subsets or {}
+        self.color_aug = color_aug
+        self.face_crop_range = face_crop_range
         self.samples = expand_samples(items)
         self._image_sizes: dict[int, Size] = dict(enumerate(image_sizes)) if image_sizes is not None else {}
+
+    def subset_of(self, item_index: int) -> SubsetData:
+        return self.subsets.get(self.items[item_index].subset_index) or SubsetData(self.caption_options)
 
     def size_of(self, item_index: int) -> tuple[int, int]:
         """Training (width, height) of an item: its aspect-ratio bucket, or resolution² without buckets."""
@@ -134,18 +153,37 @@ class TrainingData:
         captions, flips = [], []
         for position, index in zip(positions, indices):
             rng = derived_rng(self.seed, epoch, position, 2)
-            captions.append(process_caption(self.items[index].caption, self.caption_options, rng))
+            captions.append(process_caption(self.items[index].caption, self.subset_of(index).captions, rng))
             flips.append(self.flip_aug and rng.random() < 0.5)
         if step_seed is None:
             step_seed = hash_ints(self.seed, epoch, *positions)
         crop_rng = derived_rng(step_seed, 4)  # one stream for the batch, drawn in sample order
         geometry = [self.geometry(index, flip, crop_rng) for index, flip in zip(indices, flips)]
-        return Batch([self.items[i] for i in indices], indices, captions, flips, geometry=geometry)
+        weights = tuple(self.subset_of(i).loss_weight for i in indices)
+        return Batch([self.items[i] for i in indices], indices, captions, flips, geometry=geometry,
+                     sample_weights=weights if any(w != 1.0 for w in weights) else None)
 
-    def pixels(self, item_index: int, flip: bool, box: CropBox | None = None) -> torch.Tensor:
+    def pixels(self, item_index: int, flip: bool, box: CropBox | None = None,
+               rng: random.Random | None = None) -> torch.Tensor:
         """The item's image at its training size as a [3, H, W] tensor in [-1, 1], cut as `box` says (a
-        sample's geometry) or centred."""
+        sample's geometry) or centred; `rng` draws the pixel augmentations (the step's stream)."""
         width, height = self.size_of(item_index)
-        image = resize_and_crop(load_image(self.items[item_index].path), width, height, box=box)
+        path = self.items[item_index].path
+        image = load_image(path)
+        face = None
+        if self.face_crop_range is not None:
+            from library.data.augment import face_info  # only runs with the augmentation import it
+
+            face = face_info(path)
+        if face is not None:  # a crop around the face replaces the sample's (SDXL's crop ids keep the cover crop)
+            from library.data.augment import face_crop
+
+            image = face_crop(image, face, width, height, self.face_crop_range, self.random_crop, rng or random)
+        else:
+            image = resize_and_crop(image, width, height, box=box)
+        if self.color_aug:
+            from library.data.augment import color_aug
+
+            image = color_aug(image, rng or random)
         tensor = to_tensor(image)
         return tensor.flip(-1) if flip else tensor

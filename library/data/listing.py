@@ -24,7 +24,8 @@ def count(n: int, noun: str) -> str:
 
 
 def is_image(path: Path) -> bool:
-    return path.suffix.lower() in IMAGE_EXTENSIONS
+    """A training image: an image file that is not a loss mask (`<stem>.mask.png`, library/data/masks.py)."""
+    return path.suffix.lower() in IMAGE_EXTENSIONS and not path.stem.lower().endswith(".mask")
 
 
 @dataclass

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from library.data.batches import Batch, TrainingData, hash_ints
+from library.data.batches import Batch, TrainingData, derived_rng, hash_ints
 from library.data.latent_cache import DiskLatentCache, LatentEntry, encode_distribution, encode_entries, sample_latent
 from library.models.conditioning import TextEncoding
 
@@ -107,7 +107,8 @@ class LatentSource:
         if self.mode == "off":
             if len(batch.geometry) != len(keys):
                 raise ValueError("latents encoded every step need the batch's crops (a batch of TrainingData)")
-            pixels = torch.stack([self.data.pixels(i, f, g.box) for (i, f), g in zip(keys, batch.geometry)])
+            augment = derived_rng(step_seed, 6)  # color_aug / face crops: the step's own stream
+            pixels = torch.stack([self.data.pixels(i, f, g.box, augment) for (i, f), g in zip(keys, batch.geometry)])
             if self.draw == "step":
                 return encode_latents(self.vae, pixels, torch.Generator().manual_seed(step_seed))
             mean, std = encode_distribution(self.vae, pixels)

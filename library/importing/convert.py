@@ -11,15 +11,18 @@ from library.config.trainers import TRAINER_SCRIPTS
 from library.importing.rules import RULES, RULES_BY_OPTION, NotImported, Rule, detect_trainer
 
 # dataset-config keys that sd-scripts allows per subset but Kiln sets once for the whole dataset
-_PER_DATASET = ("shuffle_caption", "keep_tokens", "caption_prefix", "caption_suffix", "caption_dropout_rate",
-                "caption_tag_dropout_rate", "flip_aug", "random_crop")
+_PER_DATASET = ("shuffle_caption", "keep_tokens", "caption_dropout_rate", "caption_tag_dropout_rate", "flip_aug",
+                "random_crop", "color_aug", "face_crop_aug_range")
+# per-subset keys that only act on captions containing them: any subset's value serves every folder
+_ANY_SUBSET = ("keep_tokens_separator", "secondary_separator", "enable_wildcard")
 # values that change nothing (sd-scripts' defaults, or settings of features that are off), read as unset
 _NO_EFFECT = {"min_timestep": 0, "max_timestep": 1000, "loss_type": "l2", "huber_schedule": "snr", "huber_c": 0.1,
               "huber_scale": 1.0, "multires_noise_discount": 0.3, "max_token_length": 75, "prior_loss_weight": 1.0,
               "max_data_loader_n_workers": 0, "network_dropout": 0,
               "scale_weight_norms": 0, "caption_dropout_every_n_epochs": 0, "vae_batch_size": 0}
 _SUBSET_KEYS = {"image_dir": "image_dir", "num_repeats": "repeats", "class_tokens": "class_tokens",
-                "is_reg": "is_reg"}
+                "is_reg": "is_reg", "caption_prefix": "caption_prefix", "caption_suffix": "caption_suffix",
+                "alpha_mask": "alpha_mask"}
 _SECTION_ORDER = ("model", "dataset", "network", "embedding", "dreambooth", "optimizer", "train", "save",
                   "logging", "sample")
 
@@ -93,8 +96,11 @@ def _subset(index: int, subset: dict, dataset_level: dict, result: Imported) -> 
     extension = subset.get("caption_extension", dataset_level.get("caption_extension"))
     if extension and extension != dataset_level.get("caption_extension"):
         entry["caption_extension"] = extension
+    if subset.get("conditioning_data_dir"):  # sd-scripts' masked-loss subset: its masks, named like the images
+        entry.update(mask_dir=subset["conditioning_data_dir"], masked_loss=True)
+    handled = set(_SUBSET_KEYS) | set(_PER_DATASET) | set(_ANY_SUBSET) | {"caption_extension", "conditioning_data_dir"}
     for key, value in subset.items():
-        if key not in _SUBSET_KEYS and key not in _PER_DATASET and key != "caption_extension":
+        if key not in handled:
             rule = RULES_BY_OPTION.get(key)
             if not _is_unset(value, rule):
                 result.skip(f"{where}.{key}", value, rule.note if rule and not rule.kiln else
@@ -118,6 +124,19 @@ def _same_for_all(key: str, subsets: list[dict], level: dict, fallback: Any, res
                         f"Kiln sets dataset.{key} for every folder: the first folder's value ({first!r}) is used")
 
 
+def _from_any_subset(key: str, subsets: list[dict], level: dict, result: Imported) -> None:
+    """A caption key that changes only captions containing it (a separator, wildcards) serves every folder: a
+    subset's value becomes the dataset's; differing values after the first are listed."""
+    values = [(i, s[key]) for i, s in enumerate(subsets) if s.get(key) not in (None, "", False)]
+    if not values or level.get(key) not in (None, "", False):
+        return
+    level[key] = values[0][1]
+    for i, value in values[1:]:
+        if value != values[0][1]:
+            result.skip(f"subsets[{i}].{key}", value, f"Kiln sets dataset.{key} for every folder: "
+                                                      f"{values[0][1]!r} is used")
+
+
 def dataset_options(options: dict, config: dict, result: Imported) -> dict:
     """Fold a dataset config into the options, with sd-scripts' precedence (subset > dataset > [general] >
     the training config) and Kiln's single dataset: the first [[datasets]] sets the dataset-wide values."""
@@ -133,6 +152,8 @@ def dataset_options(options: dict, config: dict, result: Imported) -> dict:
     subsets = [s for d in datasets for s in d.get("subsets", [])]
     for key in _PER_DATASET:
         _same_for_all(key, subsets, level, level.get(key, options.get(key)), result)
+    for key in _ANY_SUBSET:
+        _from_any_subset(key, subsets, level, result)
     merged = {**options, **level}
     for key in ("train_data_dir", "reg_data_dir"):
         if merged.pop(key, None):

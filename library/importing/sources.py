@@ -48,7 +48,7 @@ GUI_TRANSLATED = {
     "epoch": "max_train_epochs, unless max_train_steps or max_train_epochs is set",
     "lr_scheduler_num_cycles": "empty with cosine_with_restarts: `epoch`, as the GUI passes it",
     "xformers": "\"xformers\" / true → train.attention = \"xformers\"; \"sdpa\" → \"sdpa\"",
-    "noise_offset_type": "Original: noise_offset is read; Multires: the multires keys (not implemented)",
+    "noise_offset_type": "Original: the noise_offset keys are read; Multires: the multires_noise keys",
     "unet_lr, text_encoder_lr": "one of them 0 → train only the other (network.train_unet / train_text_encoder)",
     "sample_prompts": "the prompt text itself → sample.prompts",
     "max_token_length": "75 means off",

@@ -3,6 +3,7 @@ trained, written in the file layout A1111/ComfyUI/diffusers read, and turned bac
 merging and comparing. Trainers and tools only talk to this interface (library/networks/kinds.py picks one)."""
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import torch
@@ -12,7 +13,9 @@ from torch import nn
 @dataclass(frozen=True)
 class NetworkSpec:
     """A network's shape: rank/alpha for Linear and 1x1 layers, conv_rank/conv_alpha for 3x3 convs (0 = none);
-    factor: LoKr's Kronecker split of each layer size (-1 = most balanced; other kinds ignore it)."""
+    factor: LoKr's Kronecker split of each layer size (-1 = most balanced; other kinds ignore it);
+    target_ranks: (module path, rank, alpha) of modules whose rank differs (block_dims); rank_dropout and
+    module_dropout: sd-scripts' LoRA dropouts (LoRA only)."""
 
     rank: int
     alpha: float
@@ -20,6 +23,21 @@ class NetworkSpec:
     conv_alpha: float = 1.0
     dropout: float = 0.0
     factor: int = -1
+    target_ranks: tuple[tuple[str, int, float], ...] = ()
+    rank_dropout: float = 0.0
+    module_dropout: float = 0.0
+
+    def rank_patterns(self, targets: list["Target"]) -> tuple[dict[str, int], dict[str, float]]:
+        """peft's rank_pattern / alpha_pattern: 3x3 convs at conv_rank/conv_alpha, then target_ranks. peft
+        matches keys as regex suffixes of module names, so full paths are anchored (`conv1` ≠ `..._conv1`)."""
+        ranks: dict[str, int] = {}
+        alphas: dict[str, float] = {}
+        paths = {t.path for t in targets}
+        overrides = [(t.path, self.conv_rank, self.conv_alpha) for t in targets if t.is_conv3x3]
+        for path, rank, alpha in overrides + [r for r in self.target_ranks if r[0] in paths]:
+            key = rf"^{re.escape(path)}$"
+            ranks[key], alphas[key] = rank, alpha
+        return ranks, alphas
 
 
 @dataclass(frozen=True)
@@ -63,6 +81,11 @@ class NetworkKind:
         kernels as [out, in, k, k] or flattened to [out, in·k·k] — merge reshapes to the weight). ValueError for
         a module Kiln cannot apply."""
         raise NotImplementedError
+
+    def scale_weight_norms(self, model: nn.Module, targets: list[Target], max_norm: float) -> list[tuple[bool, float]]:
+        """sd-scripts' max-norm regularisation of the injected modules: (scaled, norm after) per module.
+        NotImplementedError for kinds without it (the config refuses network.scale_weight_norms for them)."""
+        raise NotImplementedError(f"network.scale_weight_norms is not implemented for {self.name}")
 
     def metadata(self, spec: NetworkSpec) -> dict[str, str]:
         """`ss_network_module`, `ss_network_args`, `ss_network_dim`, `ss_network_alpha` as sd-scripts writes them."""

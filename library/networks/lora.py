@@ -7,7 +7,6 @@ from library/networks/targets.py and the model family.
 from __future__ import annotations
 
 import json
-import re
 
 import torch
 from peft import LoraConfig, inject_adapter_in_model
@@ -21,18 +20,61 @@ ADAPTER = "kiln"
 
 def add_lora(model: nn.Module, targets: list[Target], spec: NetworkSpec) -> None:
     """Inject LoRA layers (peft) into `model`; only their weights are left trainable."""
-    conv_paths = [t.path for t in targets if t.is_conv3x3]
-    # peft matches pattern keys as regex suffixes of module names; anchor full paths so `conv1` ≠ `..._conv1`
-    anchored = {rf"^{re.escape(p)}$": None for p in conv_paths}
-    config = LoraConfig(
-        r=spec.rank,
-        lora_alpha=spec.alpha,
-        lora_dropout=spec.dropout,
-        target_modules=[t.path for t in targets],
-        rank_pattern={k: spec.conv_rank for k in anchored},
-        alpha_pattern={k: spec.conv_alpha for k in anchored},
-    )
+    ranks, alphas = spec.rank_patterns(targets)
+    config = LoraConfig(r=spec.rank, lora_alpha=spec.alpha, lora_dropout=spec.dropout,
+                        target_modules=[t.path for t in targets], rank_pattern=ranks, alpha_pattern=alphas)
     inject_adapter_in_model(config, model, adapter_name=ADAPTER)
+    if spec.rank_dropout or spec.module_dropout:
+        add_lora_dropouts(model, spec.rank_dropout, spec.module_dropout)
+
+
+def add_lora_dropouts(model: nn.Module, rank_dropout: float, module_dropout: float) -> None:
+    """sd-scripts' rank and module dropout (LoRAModule.forward), in training mode only. peft's LoRA layer has
+    neither, so they are forward hooks on its down and up projections:
+    - rank dropout zeroes each rank channel of the down projection's output per sample with probability p
+      (one draw per sample and rank, shared by its tokens or pixels) and scales the rest by 1/(1−p);
+    - module dropout skips a module's whole LoRA branch for one forward call with probability p.
+    Both draw from the global RNG, which the training loop seeds every step (resume stays exact)."""
+    def drop_ranks(module: nn.Module, inputs, output: torch.Tensor) -> torch.Tensor:
+        if not module.training:
+            return output
+        keep = (torch.rand(output.shape[0], output.shape[1] if output.dim() == 4 else output.shape[-1]) > rank_dropout)
+        keep = keep.to(output.device, output.dtype)
+        if output.dim() == 4:  # conv: [B, rank, H, W]
+            keep = keep[:, :, None, None]
+        elif output.dim() == 3:  # tokens: [B, T, rank]
+            keep = keep[:, None, :]
+        return output * keep / (1.0 - rank_dropout)
+
+    def drop_module(module: nn.Module, inputs, output: torch.Tensor) -> torch.Tensor:
+        if module.training and torch.rand(1).item() < module_dropout:
+            return torch.zeros_like(output)
+        return output
+
+    for layer in _lora_layers(model).values():
+        if rank_dropout:
+            layer.lora_A[ADAPTER].register_forward_hook(drop_ranks)
+        if module_dropout:
+            layer.lora_B[ADAPTER].register_forward_hook(drop_module)
+
+
+def scale_weight_norms(model: nn.Module, targets: list[Target], max_norm: float) -> list[tuple[bool, float]]:
+    """sd-scripts' max-norm regularisation (apply_max_norm_regularization) after an optimizer step: each
+    module's ΔW = up·down·alpha/rank with ‖ΔW‖ above `max_norm` has up and down scaled by √(max_norm/‖ΔW‖).
+    Returns (scaled, norm after scaling) per module."""
+    layers, found = _lora_layers(model), []
+    with torch.no_grad():
+        for target in targets:
+            layer = layers[target.path]
+            down, up = layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight
+            delta_norm = lora_delta(down, up, float(layer.lora_alpha[ADAPTER])).norm()
+            norm = delta_norm.clamp(min=max_norm / 2)
+            ratio = (torch.clamp(norm, max=max_norm) / norm).item()
+            if ratio != 1:
+                down.mul_(ratio**0.5)
+                up.mul_(ratio**0.5)
+            found.append((ratio != 1, delta_norm.item() * ratio))
+    return found
 
 
 def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
@@ -120,17 +162,25 @@ class LoraKind(NetworkKind):
         alpha = float(weights.get(f"{name}.alpha", torch.tensor(down.shape[0])))
         return lora_delta(down, up, alpha)
 
+    def scale_weight_norms(self, model: nn.Module, targets: list[Target], max_norm: float) -> list[tuple[bool, float]]:
+        return scale_weight_norms(model, targets, max_norm)
+
     def metadata(self, spec: NetworkSpec) -> dict[str, str]:
         args = {"conv_dim": str(spec.conv_rank), "conv_alpha": str(spec.conv_alpha)} if spec.conv_rank else {}
         if spec.dropout:
             args["dropout"] = str(spec.dropout)
+        for key in ("rank_dropout", "module_dropout"):
+            if getattr(spec, key):
+                args[key] = str(getattr(spec, key))
         return {"ss_network_module": "networks.lora", "ss_network_dim": str(spec.rank),
                 "ss_network_alpha": str(float(spec.alpha)), "ss_network_args": json.dumps(args),
                 "ss_network_dropout": str(spec.dropout)}
 
     def describe(self, spec: NetworkSpec) -> str:
         conv = f", conv rank {spec.conv_rank} alpha {spec.conv_alpha:g}" if spec.conv_rank else ""
-        return f"LoRA rank {spec.rank} alpha {spec.alpha:g}{conv}"
+        drops = "".join(f", {key.replace('_', ' ')} {getattr(spec, key):g}" for key in ("rank_dropout", "module_dropout")
+                        if getattr(spec, key))
+        return f"LoRA rank {spec.rank} alpha {spec.alpha:g}{conv}{drops}"
 
 
 LORA = LoraKind()

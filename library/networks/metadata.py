@@ -64,6 +64,61 @@ def bucket_info(run: ResolvedRun) -> dict[str, str]:
             "ss_max_bucket_reso": str(buckets.settings.max_reso), "ss_bucket_reso_steps": str(ds.bucket_reso_steps)}
 
 
+def _none(value) -> str:
+    """sd-scripts writes str() of an option that is None when unset; Kiln's 0 means unset for these."""
+    return str(value) if value else "None"
+
+
+def option_metadata(run: ResolvedRun) -> dict[str, str]:
+    """The noise, loss, precision and augmentation options under the ss_* keys sd-scripts writes them."""
+    train, ds = run.config.train, run.config.dataset
+    values = {
+        "ss_noise_offset_random_strength": str(train.noise_offset_random_strength),
+        "ss_adaptive_noise_scale": _none(train.adaptive_noise_scale),
+        "ss_multires_noise_iterations": _none(train.multires_noise_iterations),
+        "ss_multires_noise_discount": str(train.multires_noise_discount),
+        "ss_ip_noise_gamma": _none(train.ip_noise_gamma),
+        "ss_ip_noise_gamma_random_strength": str(train.ip_noise_gamma_random_strength),
+        "ss_zero_terminal_snr": str(train.zero_terminal_snr),
+        "ss_debiased_estimation": str(train.debiased_estimation_loss),
+        "ss_loss_type": train.loss_type,
+        "ss_huber_schedule": train.huber_schedule,
+        "ss_huber_c": str(train.huber_c),
+        "ss_huber_scale": str(train.huber_scale),
+        "ss_full_fp16": str(train.full_fp16),
+        "ss_color_aug": str(ds.color_aug),
+        "ss_random_crop": str(ds.random_crop),
+        "ss_face_crop_aug_range": str(tuple(ds.face_crop_aug_range)) if ds.face_crop_aug_range else "None",
+        "ss_datasets": json.dumps([dataset_entry(run)], ensure_ascii=False),
+    }
+    if train.min_timestep or train.max_timestep != 1000:  # sai-modelspec's key, as sd-scripts writes it
+        values["modelspec.timestep_range"] = f"{train.min_timestep},{train.max_timestep}"
+    return values
+
+
+def dataset_entry(run: ResolvedRun) -> dict:
+    """The run's dataset as one entry of sd-scripts' ss_datasets, with each folder's caption options."""
+    config, scan, data = run.config, run.scan, run.data
+    ds = config.dataset
+    subsets = []
+    for index, subset in enumerate(scan.subsets):
+        captions = data.subsets[index].captions if index in data.subsets else data.caption_options
+        subsets.append({
+            "img_count": sum(1 for item in scan.items if item.subset_index == index),
+            "num_repeats": subset.repeats, "color_aug": ds.color_aug, "flip_aug": ds.flip_aug,
+            "random_crop": ds.random_crop, "shuffle_caption": captions.shuffle, "keep_tokens": captions.keep_tokens,
+            "keep_tokens_separator": captions.keep_tokens_separator,
+            "secondary_separator": captions.secondary_separator or None, "enable_wildcard": captions.wildcards,
+            "caption_prefix": captions.prefix or None, "caption_suffix": captions.suffix or None,
+            "image_dir": subset.image_dir.name, "class_tokens": subset.class_tokens or None, "is_reg": subset.is_reg})
+    return {"is_dreambooth": True, "batch_size_per_device": config.train.batch_size,
+            "num_train_images": run.plan.train_samples, "num_reg_images": run.plan.reg_samples,
+            "resolution": [ds.resolution, ds.resolution], "enable_bucket": ds.enable_buckets,
+            "min_bucket_reso": run.buckets.settings.min_reso if run.buckets else None,
+            "max_bucket_reso": run.buckets.settings.max_reso if run.buckets else None,
+            "tag_frequency": tag_frequency(scan), "subsets": subsets}
+
+
 def safetensors_hashes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> dict[str, str]:
     """sshs_model_hash / sshs_legacy_hash as sd-scripts precomputes them (for sd-webui-additional-networks):
     the file as written with only its ss_* metadata; SHA-256 of everything after the header, and the old
@@ -122,6 +177,7 @@ def training_metadata(run: ResolvedRun, parts: ModelParts, lrs: dict[str, float]
         "ss_prior_loss_weight": str(ds.prior_loss_weight),
         "ss_tag_frequency": json.dumps(tag_frequency(scan), ensure_ascii=False),
         "ss_dataset_dirs": json.dumps(dataset_dirs(scan), ensure_ascii=False),
+        **option_metadata(run),
         **model_metadata(parts, config.save.name, ds.resolution),
         "modelspec.date": datetime.datetime.now().replace(microsecond=0).isoformat(),
     }

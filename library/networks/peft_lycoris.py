@@ -9,7 +9,6 @@ differs (LoKr without a low-rank factor) the LoKr kind makes the trained network
 from __future__ import annotations
 
 import json
-import re
 from typing import Callable
 
 import torch
@@ -27,11 +26,9 @@ FileScale = Callable[[dict[str, torch.Tensor], str], float]
 def inject_lycoris(config_class: type[LycorisConfig], model: nn.Module, targets: list[Target], spec: NetworkSpec,
                    **options) -> None:
     """Inject peft LoHa/LoKr layers at `targets`; 3x3 convs get conv_rank/conv_alpha."""
-    # peft matches pattern keys as regex suffixes of module names; anchor full paths so `conv1` ≠ `..._conv1`
-    conv = [rf"^{re.escape(t.path)}$" for t in targets if t.is_conv3x3]
+    ranks, alphas = spec.rank_patterns(targets)
     config = config_class(r=spec.rank, alpha=spec.alpha, target_modules=[t.path for t in targets],
-                          rank_pattern={k: spec.conv_rank for k in conv},
-                          alpha_pattern={k: spec.conv_alpha for k in conv}, **options)
+                          rank_pattern=ranks, alpha_pattern=alphas, **options)
     inject_adapter_in_model(config, model, adapter_name=ADAPTER)
 
 

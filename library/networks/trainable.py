@@ -1,6 +1,7 @@
 """A network (any kind in kinds.py) on the UNet and/or text encoders as a `Trainable` for the shared loop."""
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from dataclasses import dataclass
@@ -11,6 +12,7 @@ from torch import nn
 
 from library.models.parts import ModelParts
 from library.networks.base import NetworkKind, NetworkSpec, Target
+from library.networks.blocks import BlockSettings, split_targets
 from library.networks.kinds import kind_of_weights
 from library.networks.merge import read_network_file
 from library.networks.metadata import safetensors_hashes
@@ -26,28 +28,41 @@ class TrainedPart:
     model: nn.Module
     targets: list[Target]
     lr: float
+    blocks: list[int | None] | None = None  # each target's UNet block, when block lr weights are set
 
 
 class NetworkTrainable:
     """Injects the network into the parts named in `lrs` ({"unet": lr, "text_encoder": lr}; SDXL names one
-    group per text encoder) and saves it in its file layout with the run's metadata."""
+    group per text encoder) and saves it in its file layout with the run's metadata. `blocks`: sd-scripts'
+    block-wise settings for the UNet (per-block rates, ranks, alphas); `max_norm`: scale_weight_norms."""
 
     artifact_suffix = ".safetensors"
 
     def __init__(self, parts: ModelParts, kind: NetworkKind, spec: NetworkSpec, lrs: dict[str, float], seed: int,
-                 save_dtype: torch.dtype, metadata: dict[str, str]):
+                 save_dtype: torch.dtype, metadata: dict[str, str], blocks: BlockSettings | None = None,
+                 max_norm: float = 0.0):
         self.kind = kind
-        self.spec = spec
         self.save_dtype = save_dtype
         self.metadata = metadata
+        self.max_norm = max_norm
+        self.block_names = parts.family.unet_block_names() if blocks is not None else []
         for model in (parts.unet, *parts.text_encoders):
             model.requires_grad_(False)
         # peft draws the initial weights from the global RNG: seed it so the same config gives the same run
         torch.manual_seed(seed)
         self.parts: list[TrainedPart] = []
         for group, model, targets in network_targets(parts, lrs, with_conv=spec.conv_rank > 0):
+            part_blocks = None
+            if group == UNET_GROUP and blocks is not None and blocks.active:
+                found = [parts.family.unet_block_index(t.path) for t in targets]
+                targets, ranks = split_targets(targets, found, blocks, spec.alpha, spec.conv_alpha)
+                spec = dataclasses.replace(spec, target_ranks=tuple(ranks))
+                weights = blocks.lr_weights
+                part_blocks = [parts.family.unet_block_index(t.path) for t in targets] if weights else None
             kind.inject(model, targets, spec)
-            self.parts.append(TrainedPart(group, model, targets, lrs[group]))
+            self.parts.append(TrainedPart(group, model, targets, lrs[group], part_blocks))
+        self.spec = spec
+        self.block_weights = blocks.lr_weights if blocks is not None else None
         self.trains_text_encoder = any(part.group != UNET_GROUP for part in self.parts)
 
     def start_from(self, path: str) -> str:
@@ -77,7 +92,20 @@ class NetworkTrainable:
         return f"network: {self.kind.describe(self.spec)} ({counts}; {params:,} parameters)"
 
     def param_groups(self) -> list[dict]:
-        return [{"params": self.kind.parameters(p.model), "lr": p.lr, "name": p.group} for p in self.parts]
+        """One group per trained part; with block lr weights, the UNet's split into one group per block
+        (named unet_IN01, unet_MID, ... for the logs) at the UNet rate × the block's weight."""
+        groups = []
+        for part in self.parts:
+            if part.blocks is None:
+                groups.append({"params": self.kind.parameters(part.model), "lr": part.lr, "name": part.group})
+                continue
+            by_block: dict[int, list[nn.Parameter]] = {}
+            for target, block in zip(part.targets, part.blocks):
+                module = part.model.get_submodule(target.path)
+                by_block.setdefault(block, []).extend(p for p in module.parameters() if p.requires_grad)
+            groups += [{"params": params, "lr": part.lr * self.block_weights[block],
+                        "name": f"{part.group}_{self.block_names[block]}"} for block, params in sorted(by_block.items())]
+        return groups
 
     def set_train(self, training: bool) -> None:
         for part in self.parts:
@@ -92,6 +120,17 @@ class NetworkTrainable:
 
     def after_backward(self) -> None:
         pass
+
+    def after_optimizer_step(self) -> dict[str, float]:
+        """network.scale_weight_norms after each optimizer step; TensorBoard values as sd-scripts logs them."""
+        if not self.max_norm:
+            return {}
+        found = [item for part in self.parts for item in self.kind.scale_weight_norms(part.model, part.targets,
+                                                                                       self.max_norm)]
+        norms = [norm for _, norm in found]
+        return {"max_norm/keys_scaled": float(sum(scaled for scaled, _ in found)),
+                "max_norm/average_key_norm": sum(norms) / max(len(norms), 1),
+                "max_norm/max_key_norm": max(norms, default=0.0)}
 
     def file_tensors(self, dtype: torch.dtype) -> dict[str, torch.Tensor]:
         out = {}

@@ -17,6 +17,7 @@ from library.registry import optimizer_name_problem
 from library.registry import scheduler_name_problem
 
 SHARED_PATH_KEYS = (("dataset", "train_dir", "folder"), ("dataset", "reg_dir", "folder"),
+                    ("dataset", "mask_dir", "folder"),
                     ("model", "config_dir", "folder"), ("save", "resume", "folder"),
                     ("sample", "prompt_file", "file"))
 
@@ -52,9 +53,9 @@ def _path_problems(data: dict, folder_of: FolderOf, keys: tuple[tuple[str, str, 
               for section, key, kind in keys]
     subsets = table(data, "dataset").get("subsets")
     for i, subset in enumerate(subsets if isinstance(subsets, list) else []):
-        if isinstance(subset, dict):
-            checks.append((subset, "image_dir", f"dataset.subsets[{i}].image_dir", "folder",
-                           folder_of(("dataset", "subsets", i, "image_dir"))))
+        for key in ("image_dir", "mask_dir") if isinstance(subset, dict) else ():
+            checks.append((subset, key, f"dataset.subsets[{i}].{key}", "folder",
+                           folder_of(("dataset", "subsets", i, key))))
     return [p for t, key, label, kind, base in checks if (p := _check_path(t, key, label, base, kind))]
 
 

@@ -2,6 +2,7 @@
 encoders, saved in the kohya/LyCORIS layout with sd-scripts' metadata."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Literal
 
@@ -11,6 +12,8 @@ from library.config.schema import RunConfig, Section
 from library.recipes.base import Built, Recipe, model_family, part_lr_settings, table, value_of
 
 LYCORIS_TYPES = ("loha", "lokr")
+BLOCK_DIM_KEYS = ("block_dims", "block_alphas", "conv_block_dims", "conv_block_alphas")
+BLOCK_WEIGHT_KEYS = ("down_lr_weight", "mid_lr_weight", "up_lr_weight")
 
 
 class NetworkSection(Section):
@@ -27,6 +30,18 @@ class NetworkSection(Section):
     # one rate for every text encoder, or one per encoder: SDXL [text_encoder, text_encoder_2]; None = optimizer.lr
     text_encoder_lr: float | list[float] | None = None
     init_weights: str = ""  # start from an existing network file of the same kind
+    # sd-scripts' networks.lora arguments (library/networks/blocks.py, lora.py)
+    rank_dropout: float = Field(0.0, ge=0, lt=1)  # LoRA only
+    module_dropout: float = Field(0.0, ge=0, lt=1)  # LoRA only
+    down_lr_weight: str | list[float] | None = None  # per UNet block: a list, "1,0.5,...", or "sine+0.5" etc.
+    mid_lr_weight: str | float | list[float] | None = None
+    up_lr_weight: str | list[float] | None = None
+    block_lr_zero_threshold: float = Field(0.0, ge=0)
+    block_dims: str | list[int] | None = None  # one rank per UNet block (25 for SD1/2)
+    block_alphas: str | list[float] | None = None
+    conv_block_dims: str | list[int] | None = None
+    conv_block_alphas: str | list[float] | None = None
+    scale_weight_norms: float = Field(0.0, ge=0)  # max-norm regularisation; 0 = off; LoRA only
 
     @model_validator(mode="after")
     def _something_to_train(self) -> "NetworkSection":
@@ -55,6 +70,44 @@ class NetworkSection(Section):
             raise ValueError(f"network.text_encoder_lr = {rates}: give one rate > 0, or one per text encoder "
                              "(SDXL: [text_encoder, text_encoder_2], e.g. [1e-5, 5e-6])")
         return self
+
+    @model_validator(mode="after")
+    def _blockwise_and_lora_options(self) -> "NetworkSection":
+        if problems := network_option_problems(self):
+            raise ValueError("\n".join(problems))  # one bullet each
+        return self
+
+
+def network_option_problems(net: NetworkSection) -> list[str]:
+    """Block-wise settings that do not parse or contradict the rest; options only LoRA has."""
+    from library.networks.blocks import parse_floats, parse_ints, parse_weights
+
+    problems = []
+    parsers = {"down_lr_weight": lambda v: parse_weights(v, 12), "up_lr_weight": lambda v: parse_weights(v, 12),
+               "mid_lr_weight": lambda v: parse_weights(v, 1, presets=False), "block_dims": parse_ints,
+               "conv_block_dims": parse_ints, "block_alphas": parse_floats, "conv_block_alphas": parse_floats}
+    for key, parse in parsers.items():
+        try:
+            values = parse(getattr(net, key)) or []
+        except ValueError as err:
+            problems.append(f"network.{key}: {err}")
+            continue
+        if any(v < 0 for v in values):
+            problems.append(f"network.{key} has a negative value")
+    for alphas, dims in (("block_alphas", "block_dims"), ("conv_block_alphas", "conv_block_dims")):
+        if getattr(net, alphas) is not None and getattr(net, dims) is None:
+            problems.append(f"network.{alphas} goes with network.{dims}: set both")
+    if net.conv_block_dims is not None and not net.conv_rank:
+        problems.append("network.conv_block_dims ranks the 3x3 convolutions, which are adapted only with "
+                        "network.conv_rank > 0 (LoCon): set it")
+    blockwise = [k for k in BLOCK_WEIGHT_KEYS + BLOCK_DIM_KEYS if getattr(net, k) is not None]
+    if blockwise and not net.train_unet:
+        problems.append(f"network.{blockwise[0]} sets UNet blocks, but network.train_unet = false")
+    lora_only = [k for k in ("rank_dropout", "module_dropout", "scale_weight_norms") if getattr(net, k)]
+    if lora_only and net.type != "lora":
+        problems.append(f"{', '.join('network.' + k for k in lora_only)}: LoRA's (sd-scripts' networks.lora); "
+                        f"Kiln's LyCORIS {net.type} has none: remove them or set network.type = \"lora\"")
+    return problems
 
 
 class LoraRunConfig(RunConfig):
@@ -105,8 +158,16 @@ class LoraRecipe(Recipe):
         return "network.train_text_encoder" if config.network.train_text_encoder else None
 
     def optimizer_lrs(self, config: LoraRunConfig) -> dict[str, float]:
+        """The groups' rates; with block lr weights one UNet group per block with a module (SD's 25 blocks:
+        the check only needs the distinct rates, the run takes the model's own blocks)."""
+        from library.networks.blocks import block_lr_weights
+
         net, lr = config.network, config.optimizer.lr
         lrs = {"unet": net.unet_lr or lr} if net.train_unet else {}
+        weights = block_lr_weights((0, 12, 1, 12, 0), net.down_lr_weight, net.mid_lr_weight, net.up_lr_weight,
+                                   net.block_lr_zero_threshold) if net.train_unet else None
+        if weights is not None:
+            lrs = {f"unet_block{i}": (net.unet_lr or lr) * w for i, w in enumerate(weights) if i and w > 0}
         if net.train_text_encoder:
             rates = net.text_encoder_lr if isinstance(net.text_encoder_lr, list) else [net.text_encoder_lr]
             for index, rate in enumerate(rates):  # one rate, or one per text encoder (SDXL)
@@ -133,6 +194,9 @@ class LoraRecipe(Recipe):
                          state_bytes(params, canonical_optimizer_name(config.optimizer.name)))
 
     def model_problems(self, config: LoraRunConfig, header) -> list[str]:
+        return block_problems(config.network, header.family) + self._init_weights_problems(config, header)
+
+    def _init_weights_problems(self, config: LoraRunConfig, header) -> list[str]:
         from library.models.header import tensor_shapes
         from library.networks.compat import network_file_problem, read_network_metadata
 
@@ -158,11 +222,72 @@ class LoraRecipe(Recipe):
         if net.train_text_encoder:
             lrs.update(text_encoder_rates(net.text_encoder_lr, lr, parts.family))
         kind = kind_named(net.type)
-        spec = NetworkSpec(net.rank, net.alpha, net.conv_rank, net.conv_alpha, net.dropout, net.factor)
-        metadata = training_metadata(run, parts, lrs, kind.metadata(spec))
-        trainable = NetworkTrainable(parts, kind, spec, lrs, config.train.seed, run.save_dtype, metadata)
+        spec = NetworkSpec(net.rank, net.alpha, net.conv_rank, net.conv_alpha, net.dropout, net.factor,
+                           rank_dropout=net.rank_dropout, module_dropout=net.module_dropout)
+        network = kind.metadata(spec)
+        network["ss_network_args"] = json.dumps({**json.loads(network["ss_network_args"]), **block_args(net)})
+        network["ss_scale_weight_norms"] = str(net.scale_weight_norms) if net.scale_weight_norms else "None"
+        metadata = training_metadata(run, parts, lrs, network)
+        blocks = block_settings(net, parts.family)
+        trainable = NetworkTrainable(parts, kind, spec, lrs, config.train.seed, run.save_dtype, metadata, blocks,
+                                     net.scale_weight_norms)
         lines = [trainable.start_from(net.init_weights)] if net.init_weights else []
-        return Built(trainable, lines=lines + [trainable.describe()])
+        return Built(trainable, lines=lines + [trainable.describe()] + block_lines(blocks, parts.family))
+
+
+def block_args(net: NetworkSection) -> dict[str, str]:
+    """The block-wise keys as sd-scripts records them in ss_network_args (strings, lists comma-joined)."""
+    args = {}
+    for key in BLOCK_WEIGHT_KEYS + BLOCK_DIM_KEYS + ("block_lr_zero_threshold",):
+        value = getattr(net, key)
+        if key == "block_lr_zero_threshold":
+            value = value or None
+        if value is not None:
+            args[key] = ",".join(str(v) for v in value) if isinstance(value, list) else str(value)
+    return args
+
+
+def block_problems(net: NetworkSection, family) -> list[str]:
+    """Block-wise lists that do not fit the model's UNet blocks, or a family without them."""
+    from library.networks.blocks import count_problems, parse_floats, parse_ints
+
+    used = [k for k in BLOCK_WEIGHT_KEYS + BLOCK_DIM_KEYS if getattr(net, k) is not None]
+    if not used:
+        return []
+    if family.unet_block_layout is None:
+        return [f"network.{used[0]}: block-wise settings are not available for {family.label} models"]
+    lists = {key: (parse_ints if "dims" in key else parse_floats)(getattr(net, key)) for key in BLOCK_DIM_KEYS}
+    return count_problems(family.unet_block_names(), lists)
+
+
+def block_settings(net: NetworkSection, family):
+    """The block-wise keys resolved for the model's blocks, or None when none is set."""
+    from library.networks.blocks import BlockSettings, block_lr_weights, parse_floats, parse_ints
+
+    if all(getattr(net, k) is None for k in BLOCK_WEIGHT_KEYS + BLOCK_DIM_KEYS):
+        return None
+    weights = block_lr_weights(family.unet_block_layout, net.down_lr_weight, net.mid_lr_weight, net.up_lr_weight,
+                               net.block_lr_zero_threshold)
+
+    def tupled(values):
+        return tuple(values) if values is not None else None
+
+    return BlockSettings(tupled(weights), tupled(parse_ints(net.block_dims)), tupled(parse_floats(net.block_alphas)),
+                         tupled(parse_ints(net.conv_block_dims)), tupled(parse_floats(net.conv_block_alphas)))
+
+
+def block_lines(blocks, family) -> list[str]:
+    """What the block-wise settings do, for the run summary: each block that differs from the plain network."""
+    if blocks is None:
+        return []
+    names, lines = family.unet_block_names(), []
+    if blocks.lr_weights is not None:
+        shown = [f"{names[i]} {w:g}" for i, w in enumerate(blocks.lr_weights) if w != 1.0]
+        lines.append("block lr weights (others 1; 0 = no modules): " + (", ".join(shown) or "all 1"))
+    for label, dims in (("ranks", blocks.dims), ("conv ranks", blocks.conv_dims)):
+        if dims is not None:
+            lines.append(f"block {label}: " + ", ".join(f"{n} {d}" for n, d in zip(names, dims)))
+    return lines
 
 
 def text_encoder_rates(value: float | list[float] | None, default: float, family) -> dict[str, float]:

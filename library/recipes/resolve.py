@@ -7,8 +7,9 @@ import dataclasses
 import json
 from pathlib import Path
 
-from library.config.schema import DatasetSection, RunConfig
-from library.data.batches import TrainingData
+from library.config.options import subset_mask_mode
+from library.config.schema import DatasetSection, RunConfig, SubsetSection
+from library.data.batches import SubsetData, TrainingData
 from library.data.buckets import (BucketAssignment, BucketSettings, assign_buckets, auto_bucket_range,
                                   square_assignment, upscale_warning)
 from library.data.captions import CaptionOptions
@@ -17,9 +18,11 @@ from library.data.errors import DatasetError, DatasetProblem
 from library.data.folders import (DatasetScan, Subset, balance_reg_items, collect_scan, find_subsets,
                                   reg_balance_message)
 from library.data.latent_cache import default_cache_dir
+from library.data.masks import MaskSpec, mask_specs
 from library.recipes.base import Recipe
 from library.training.device import SAVE_DTYPES, WEIGHT_DTYPES, resolve_device
 from library.training.plan import FolderCount, make_plan
+from library.training.precision import trained_dtype
 from library.training.resolved import ResolvedRun
 from library.training.schedules import resolve_warmup_steps
 
@@ -106,7 +109,57 @@ def _text_cache_problem(config: RunConfig, recipe: Recipe) -> str | None:
     return None
 
 
-def _training_data(config: RunConfig, scan: DatasetScan, notes: list[str]
+def caption_options(ds: DatasetSection) -> CaptionOptions:
+    """The [dataset] caption keys as per-sample caption processing options."""
+    return CaptionOptions(ds.caption_prefix, ds.caption_suffix, ds.shuffle_caption, ds.keep_tokens,
+                          ds.caption_dropout_rate, ds.caption_tag_dropout_rate,
+                          keep_tokens_separator=ds.keep_tokens_separator, secondary_separator=ds.secondary_separator,
+                          wildcards=ds.enable_wildcard)
+
+
+def subset_sections(ds: DatasetSection, scan: DatasetScan, extra: int) -> list[SubsetSection | None]:
+    """Per scanned folder, its [[dataset.subsets]] entry (None for NN_name folders and a recipe's extras)."""
+    end = len(scan.subsets) - extra
+    start = end - len(ds.subsets)
+    return [ds.subsets[i - start] if start <= i < end else None for i in range(len(scan.subsets))]
+
+
+def subset_data(ds: DatasetSection, sections: list[SubsetSection | None]) -> dict[int, SubsetData]:
+    """What explicit subsets set for their own images: caption prefix/suffix and loss_weight."""
+    base, found = caption_options(ds), {}
+    for index, section in enumerate(sections):
+        if section is None:
+            continue
+        prefix = base.prefix if section.caption_prefix is None else section.caption_prefix
+        suffix = base.suffix if section.caption_suffix is None else section.caption_suffix
+        captions = dataclasses.replace(base, prefix=prefix, suffix=suffix)
+        if captions != base or section.loss_weight != 1.0:
+            found[index] = SubsetData(captions, section.loss_weight)
+    return found
+
+
+def item_masks(ds: DatasetSection, scan: DatasetScan, sections: list[SubsetSection | None], extra: int,
+               items: list) -> list[MaskSpec | None] | None:
+    """Each training item's loss mask (None when no folder has masks). DatasetError listing every image whose
+    mask file is missing, unreadable or of another size."""
+    modes, dirs = [], []
+    for index, (subset, section) in enumerate(zip(scan.subsets, sections)):
+        is_extra = index >= len(scan.subsets) - extra
+        modes.append(None if is_extra else subset_mask_mode(ds, section, subset.is_reg))
+        if section is not None and section.mask_dir:
+            dirs.append(Path(section.mask_dir))
+        else:
+            dirs.append(Path(ds.mask_dir) / subset.image_dir.name if ds.mask_dir else None)
+    if not any(modes):
+        return None
+    specs, problems = mask_specs([item.path for item in items], [modes[item.subset_index] for item in items],
+                                 [dirs[item.subset_index] for item in items])
+    if problems:
+        raise DatasetError(problems)
+    return specs
+
+
+def _training_data(config: RunConfig, scan: DatasetScan, notes: list[str], subsets: dict[int, SubsetData]
                    ) -> tuple[TrainingData, BucketAssignment | None]:
     """Training items (reg repeats balanced as sd-scripts does), their buckets, captions and batching."""
     ds, train = config.dataset, config.train
@@ -124,10 +177,9 @@ def _training_data(config: RunConfig, scan: DatasetScan, notes: list[str]
     elif ignored := ignored_bucket_keys(ds):
         notes.append(f"{', '.join(ignored)} have no effect while dataset.enable_buckets = false")
     notes.extend(upscale_warning(items, buckets or square_assignment(items, ds.resolution)))
-    captions = CaptionOptions(ds.caption_prefix, ds.caption_suffix, ds.shuffle_caption, ds.keep_tokens,
-                              ds.caption_dropout_rate, ds.caption_tag_dropout_rate)
-    return TrainingData(items, captions, ds.resolution, train.batch_size, train.seed, ds.flip_aug, ds.random_crop,
-                        sizes, image_sizes), buckets
+    face_range = tuple(ds.face_crop_aug_range) if ds.face_crop_aug_range else None
+    return TrainingData(items, caption_options(ds), ds.resolution, train.batch_size, train.seed, ds.flip_aug,
+                        ds.random_crop, sizes, image_sizes, subsets, ds.color_aug, face_range), buckets
 
 
 def long_caption_notes(config: RunConfig, recipe: Recipe, scan: DatasetScan) -> list[str]:
@@ -191,7 +243,11 @@ def resolve(config: RunConfig, recipe: Recipe) -> ResolvedRun:
     if problem := _text_cache_problem(config, recipe):
         raise ValueError(problem)
     notes: list[str] = long_caption_notes(config, recipe, scan)
-    data, buckets = _training_data(config, scan, notes)
+    sections = subset_sections(ds, scan, len(extra))
+    data, buckets = _training_data(config, scan, notes, subset_data(ds, sections))
+    masks = item_masks(ds, scan, sections, len(extra), data.items)
+    if masks is not None:
+        notes.append(f"loss masks: {sum(spec is not None for spec in masks)} of {len(masks)} images have one")
     reg_samples = sum(item.repeats for item in data.items if item.is_reg)
     plan = make_plan(scan.num_train_samples(), reg_samples, train.batch_size, len(data.epoch_batches(0)),
                      train.gradient_accumulation_steps, train.max_steps, train.epochs,
@@ -210,5 +266,5 @@ def resolve(config: RunConfig, recipe: Recipe) -> ResolvedRun:
         warmup_steps=resolve_warmup_steps(change.plan.total_steps, opt.warmup_steps, opt.warmup_ratio),
         lr_schedule=change.lr_schedule, device=resolve_device(train.device),
         weight_dtype=WEIGHT_DTYPES[train.mixed_precision], save_dtype=SAVE_DTYPES[config.save.precision],
-        cache_text_encoder_outputs=ds.cache_text_encoder_outputs, notes=notes, buckets=buckets,
-        lr_settings=tuple(recipe.lr_settings(config)))
+        cache_text_encoder_outputs=ds.cache_text_encoder_outputs, notes=notes, buckets=buckets, masks=masks,
+        trained_dtype=trained_dtype(train.full_bf16, train.full_fp16), lr_settings=tuple(recipe.lr_settings(config)))

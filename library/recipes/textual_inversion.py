@@ -2,6 +2,7 @@
 latent sampling methods, log folder, `.optim` resume); the model itself never changes."""
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any, Literal
 
@@ -201,7 +202,6 @@ class TextualInversionRecipe(Recipe):
 
     def build(self, parts, run) -> Built | None:
         # imported here: they pull in torch and diffusers, which --help/--check do not need
-        from library.data.captions import CaptionOptions
         from library.data.prompts import PromptedData, template_lines
         from library.networks.embedding_names import expand_name
         from library.networks.embedding_trainable import EmbeddingTrainable
@@ -209,6 +209,7 @@ class TextualInversionRecipe(Recipe):
         from library.networks.embeddings import init_vectors
         from library.recipes.a1111_log import A1111Log
         from library.recipes.a1111_train import first_rate
+        from library.recipes.resolve import caption_options
 
         config: TIRunConfig = run.config
         emb, ds = config.embedding, config.dataset
@@ -235,8 +236,7 @@ class TextualInversionRecipe(Recipe):
         trainable = EmbeddingTrainable(parts, emb.name, vectors, ids, lr, file_format, run.save_dtype,
                                        a1111_short_hash(config.model.path))
         lines = template_lines(emb.template)
-        options = CaptionOptions(ds.caption_prefix, ds.caption_suffix, emb.shuffle_tags, ds.keep_tokens,
-                                 ds.caption_dropout_rate, emb.tag_dropout)
+        options = dataclasses.replace(caption_options(ds), shuffle=emb.shuffle_tags, tag_dropout_rate=emb.tag_dropout)
         latent_factor = 2 ** (len(parts.vae.config.block_out_channels) - 1)
         prompted = PromptedData(run.data, lines, emb.name, emb.vectors, options, emb.use_alpha_weight, latent_factor)
         if not prompted.name_reaches_prompts():

@@ -52,23 +52,25 @@ def existing_outputs(output_dir: Path, name: str) -> list[Path]:
     """Files, model folders (no suffix) and state folders an earlier run with this name left in output_dir."""
     if not output_dir.is_dir():
         return []
-    pattern = re.compile(rf"^{re.escape(name)}(-\d{{6}}|-step\d{{8}})?(-state|\.[A-Za-z0-9]+)?$")
+    pattern = re.compile(rf"^{re.escape(name)}(-\d{{6}}|-step\d{{8}})?(-ema)?(-state|\.[A-Za-z0-9]+)?$")
     return sorted(p for p in output_dir.iterdir() if pattern.match(p.name))
 
 
 def remove_artifact(artifact: Path) -> None:
-    """Delete an intermediate artifact (file or diffusers folder), its state folder and sidecars (`.optim`): the
-    state first, so an interruption never leaves a state without the artifact it belongs to."""
+    """Delete an intermediate artifact (file or diffusers folder), its EMA twin (`<stem>-ema<suffix>`), its state
+    folder and sidecars (`.optim`): the state first, so an interruption never leaves a state without the
+    artifact it belongs to."""
     state = state_dir_for(artifact)
     if state.is_dir():
         shutil.rmtree(state)
     fault_point("prune-between", artifact)
     for sidecar in artifact.parent.glob(glob.escape(artifact.name) + ".*"):
         sidecar.unlink()
-    if artifact.is_dir():
-        shutil.rmtree(artifact)
-    elif artifact.exists():
-        artifact.unlink()
+    for path in (artifact.with_name(artifact.stem + "-ema" + artifact.suffix), artifact):
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
 
 
 def temporaries(output_dir: Path, name: str) -> list[Path]:
@@ -76,8 +78,8 @@ def temporaries(output_dir: Path, name: str) -> list[Path]:
     `.<name>-state.tmp` and `.<folder>.tmp-<random>` folders, `.<folder>.old-<pid>` backups."""
     if not Path(output_dir).is_dir():
         return []
-    # <name>[-<epoch>|-step<step>][-state][.suffixes] + .<8 random>.tmp | .tmp | .tmp-<random> | .old-<pid>
-    pattern = re.compile(rf"^\.{re.escape(name)}(-\d{{6}}|-step\d{{8}})?(-state)?(\.[A-Za-z0-9]+)*"
+    # <name>[-<epoch>|-step<step>][-ema][-state][.suffixes] + .<8 random>.tmp | .tmp | .tmp-<random> | .old-<pid>
+    pattern = re.compile(rf"^\.{re.escape(name)}(-\d{{6}}|-step\d{{8}})?(-ema)?(-state)?(\.[A-Za-z0-9]+)*"
                          r"\.([a-z0-9_]{8}\.tmp|tmp|tmp-[a-z0-9_]+|old-\d+)$")
     return sorted(p for p in Path(output_dir).iterdir() if pattern.match(p.name))
 
@@ -102,8 +104,9 @@ def prune_saved(saved: list[Path], keep_last: int) -> list[Path]:
 
 
 def save_state(folder: Path, progress: Progress, trainable: dict[str, torch.Tensor], optimizer, scheduler,
-               scaler=None, extra: dict | None = None) -> None:
-    """Everything needed to continue exactly: trainable tensors, optimizer, LR schedule, step/epoch/batch.
+               scaler=None, extra: dict | None = None, ema: dict[str, torch.Tensor] | None = None) -> None:
+    """Everything needed to continue exactly: trainable tensors, optimizer, LR schedule, step/epoch/batch, and
+    the weights' moving average when the run keeps one (`ema.safetensors`; states without it still load).
     Data order and noise are derived from (seed, step), so no RNG state is needed. Written in a hidden folder
     beside it and moved into place, so a state folder is always complete (a kill leaves only a hidden one,
     which the next run removes)."""
@@ -113,6 +116,8 @@ def save_state(folder: Path, progress: Progress, trainable: dict[str, torch.Tens
     tmp.mkdir(parents=True)
     fault_point("state-write", tmp)
     save_file({k: v.detach().cpu().contiguous() for k, v in trainable.items()}, str(tmp / "trainable.safetensors"))
+    if ema is not None:
+        save_file({k: v.detach().cpu().contiguous() for k, v in ema.items()}, str(tmp / "ema.safetensors"))
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
     if scaler is not None:
@@ -135,6 +140,7 @@ class LoadedState:
     optimizer: dict
     scheduler: dict
     scaler: dict | None
+    ema: dict[str, torch.Tensor] | None = None  # the weights' moving average, when the run kept one
 
 
 def _safe_load(path: Path):
@@ -156,12 +162,16 @@ def load_state(folder: Path) -> LoadedState:
         progress = Progress(info.pop("global_step"), info.pop("epoch"), info.pop("next_batch"))
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise ValueError(f"{folder / 'progress.json'} is damaged ({exc}): resume from an earlier state") from None
-    try:
-        trainable = load_file(str(folder / "trainable.safetensors"))
-    except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types for a cut-short file
-        raise ValueError(f"{folder / 'trainable.safetensors'} is damaged ({first_line(exc)}): resume "
-                         "from an earlier state") from None
-    scaler_path = folder / "scaler.pt"
+    trainable = _safe_tensors(folder / "trainable.safetensors")
+    scaler_path, ema_path = folder / "scaler.pt", folder / "ema.safetensors"
     return LoadedState(progress=progress, extra=info, trainable=trainable,
                        optimizer=_safe_load(folder / "optimizer.pt"), scheduler=_safe_load(folder / "scheduler.pt"),
-                       scaler=_safe_load(scaler_path) if scaler_path.is_file() else None)
+                       scaler=_safe_load(scaler_path) if scaler_path.is_file() else None,
+                       ema=_safe_tensors(ema_path) if ema_path.is_file() else None)
+
+
+def _safe_tensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(path))
+    except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types for a cut-short file
+        raise ValueError(f"{path} is damaged ({first_line(exc)}): resume from an earlier state") from None

@@ -94,13 +94,17 @@ class RunLog:
                 self._writer.add_text("config", block, self.initial_step)
         return self._writer
 
-    def step(self, step: int, loss: float, lrs: dict[str, float], epoch: int) -> None:
+    def step(self, step: int, loss: float, lrs: dict[str, float], epoch: int,
+             scalars: dict[str, float] | None = None) -> None:
+        """Log one optimizer step; `scalars`: more TensorBoard values of it by tag (e.g. max_norm/keys_scaled)."""
         self.last_loss = loss
         average = self.average.add(loss)
         self.writer.add_scalar("loss/current", loss, step)
         self.writer.add_scalar("loss/average", average, step)
         for name, lr in lrs.items():
             self.writer.add_scalar(f"lr/{name}", lr, step)
+        for tag, value in (scalars or {}).items():
+            self.writer.add_scalar(tag, value, step)
         shown = {"loss": f"{average:.4f}", "epoch": epoch + 1}
         shown.update({f"lr_{name}" if len(lrs) > 1 else "lr": f"{lr:.2e}" for name, lr in lrs.items()})
         self.bar.set_postfix(shown, refresh=False)

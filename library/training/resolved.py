@@ -12,6 +12,7 @@ from library.config.schema import RunConfig
 from library.data.batches import TrainingData
 from library.data.buckets import BucketAssignment
 from library.data.folders import DatasetScan
+from library.data.masks import MaskSpec
 from library.training.plan import TrainingPlan
 
 
@@ -34,6 +35,8 @@ class ResolvedRun:
     buckets: BucketAssignment | None = None  # the aspect-ratio buckets, when dataset.enable_buckets
     lr_settings: tuple[str, ...] = ()  # the learning-rate keys in effect, "key = value" (Recipe.lr_settings)
     command: tuple[str, ...] = ()  # the command line that started the run, to print the one that continues it
+    masks: list[MaskSpec | None] | None = None  # each data item's loss mask, when any folder has masks
+    trained_dtype: torch.dtype = torch.float32  # the trained weights' dtype (train.full_bf16 / full_fp16)
 
     def run_shape(self) -> dict:
         """What a resumed run must share with this one for its data order and schedule to continue exactly."""

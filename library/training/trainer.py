@@ -2,6 +2,7 @@
 decides HOW: noise, loss, accumulation, mixed precision, checkpoints, resume, Ctrl-C, progress and logs."""
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 from dataclasses import dataclass
@@ -14,6 +15,7 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
 
 from library.data.batches import Batch, hash_ints
+from library.data.masks import MaskSource
 from library.data.sources import ConditioningSource, LatentSource
 from library.models.attention import select_attention
 from library.models.parts import ModelParts
@@ -24,8 +26,9 @@ from library.training.divergence import NanGuard
 from library.training.hooks import TrainerHooks
 from library.training.interrupts import StopRequests
 from library.training.logs import RunLog, run_folder, tensorboard_command
-from library.training.loss import (make_noise, min_snr_weights, per_sample_loss, pixel_weighted_loss,
-                                   sample_timesteps, target_for)
+from library.training.ema import EMA, save_artifact
+from library.training.objective import Objective
+from library.training.precision import FusedBackward, allow_fp16_unscale
 from library.registry import canonical_optimizer_name
 from library.training.optimizers import build_optimizer, uses_relative_step
 from library.training.resolved import ResolvedRun
@@ -46,6 +49,10 @@ class LoopParts:
     scheduler: torch.optim.lr_scheduler.LRScheduler
     latents: LatentSource
     conditioning: ConditioningSource
+    objective: Objective
+    masks: MaskSource | None = None  # loss masks, when any folder has them
+    ema: EMA | None = None  # the weights' moving average ([ema] enabled)
+    fused: FusedBackward | None = None  # optimizer.fused_backward_pass: steps taken during backward
 
 
 class Trainer:
@@ -72,8 +79,9 @@ class Trainer:
 
     # ---------------------------------------------------------------- set-up
     def _place_models(self, device: torch.device) -> None:
-        """Frozen weights in the compute dtype; trainable ones stay fp32 so small updates are not lost. Trainable
-        weights are never cast down first: a full fine-tune (DreamBooth) trains the models' own weights."""
+        """Frozen weights in the compute dtype; trainable ones stay fp32 so small updates are not lost (unless
+        train.full_bf16 / full_fp16 keep them in half precision). Trainable weights are never cast down first: a
+        full fine-tune (DreamBooth) trains the models' own weights."""
         parts, train = self.parts, self.config.train
         trainable = [param for group in self.trainable.param_groups() for param in group["params"]]
         keep = {id(param) for param in trainable}
@@ -83,8 +91,8 @@ class Trainer:
                 if id(param) not in keep:
                     param.data = param.data.to(self.run.weight_dtype)
         parts.vae.to(device, torch.float32)  # fp16 VAE encodes can overflow; it runs once per image when cached
-        for param in trainable:
-            param.data = param.data.to(device=device, dtype=torch.float32)  # tensors outside the models too
+        for param in trainable:  # tensors outside the models too
+            param.data = param.data.to(device=device, dtype=self.run.trained_dtype)
         print(select_attention([parts.unet], train.attention, device))
         if train.gradient_checkpointing:
             parts.unet.enable_gradient_checkpointing()
@@ -141,25 +149,50 @@ class Trainer:
                 group["name"] = name  # a state written by another tool (A1111) has no group names
         scheduler = self._schedule(optimizer)
         print(self._optimizer_line())
+        fused = FusedBackward(optimizer, opt.max_grad_norm) if opt.fused_backward_pass else None
         optimizer = accelerator.prepare(optimizer)
-        run = self.run
-        latents = LatentSource(self.data, self.parts.vae, run.latent_mode, train.seed, run.latent_draw,
+        if train.full_fp16 and accelerator.scaler is not None:
+            allow_fp16_unscale(accelerator.scaler)
+        run, parts = self.run, self.parts
+        latents = LatentSource(self.data, parts.vae, run.latent_mode, train.seed, run.latent_draw,
                                run.cache_dir, self.config.dataset.vae_batch_size)
-        conditioning = ConditioningSource(self.parts, self.config.model.clip_skip, run.cache_text_encoder_outputs,
+        conditioning = ConditioningSource(parts, self.config.model.clip_skip, run.cache_text_encoder_outputs,
                                           self.trainable.trains_text_encoder, train.max_token_length)
-        return LoopParts(accelerator, optimizer, scheduler, latents, conditioning)
+        objective = Objective(train, self.config.dataset.prior_loss_weight, parts.noise_scheduler, parts.v_prediction)
+        for line in objective.notes():
+            print(line)
+        masks = None
+        if run.masks is not None:
+            factor = 2 ** (len(parts.vae.config.block_out_channels) - 1)
+            masks = MaskSource(self.data, run.masks, factor, run.cache_dir if run.latent_mode == "disk" else None)
+        return LoopParts(accelerator, optimizer, scheduler, latents, conditioning, objective, masks, self._ema(),
+                         fused)
+
+    def _ema(self) -> EMA | None:
+        ema = self.config.ema
+        if not ema.enabled:
+            return None
+        params = [param for group in self.trainable.param_groups() for param in group["params"]]
+        return EMA(params, ema.decay, ema.update_interval, ema.warmup, "cpu" if ema.device == "cpu" else None)
 
     def _resume(self, loop: LoopParts) -> None:
         folder = Path(self.config.save.resume)
         try:
             state = load_state(folder)
             self.trainable.load_state_dict(state.trainable)
-            loop.optimizer.load_state_dict(state.optimizer)
+            with loop.fused.fp32_state_loading() if loop.fused else contextlib.nullcontext():
+                loop.optimizer.load_state_dict(state.optimizer)
             loop.scheduler.load_state_dict(state.scheduler)
         except (ValueError, KeyError, RuntimeError) as err:  # another network/optimizer, or a damaged file
             raise TrainingSetupError(f"cannot resume from {folder}: {str(err).splitlines()[0]}") from None
         if state.scaler is not None and loop.accelerator.scaler is not None:
             loop.accelerator.scaler.load_state_dict(state.scaler)
+        if loop.ema is not None:
+            loop.ema.reset()  # from the resumed weights, unless the state kept the average
+            if state.ema is not None:
+                loop.ema.load_state_dict(state.ema)
+            else:
+                print(f"note: {folder} holds no EMA of the weights (saved without [ema]): the average starts now")
         self.progress = state.progress
         self.resumed_log_dir = state.extra.get("tensorboard_dir")
         self.nan_guard.skipped = int(state.extra.get("nan_skipped", 0))
@@ -181,46 +214,44 @@ class Trainer:
 
     # ---------------------------------------------------------------- one step
     def _loss(self, loop: LoopParts, batch: Batch, epoch: int, step_seed: int) -> torch.Tensor:
-        parts, train, dtype = self.parts, self.config.train, self.run.weight_dtype
-        device = loop.accelerator.device
-        latents = loop.latents.latents(batch, epoch, step_seed).to(device, dtype)
-        generator = torch.Generator().manual_seed(step_seed)
-        noise = make_noise(latents, generator, train.noise_offset)
-        timesteps = sample_timesteps(latents.shape[0], parts.noise_scheduler, generator, device)
-        noisy = parts.noise_scheduler.add_noise(latents, noise, timesteps)
+        parts, dtype = self.parts, self.run.weight_dtype
+        latents = loop.latents.latents(batch, epoch, step_seed).to(loop.accelerator.device, dtype)
+        noised = loop.objective.noised(latents, torch.Generator().manual_seed(step_seed))
         with loop.accelerator.autocast():
             encoding = loop.conditioning.encode(batch.captions, grad=self.trainable.trains_text_encoder)
             conditioning = parts.family.conditioning(encoding, batch)
-            prediction = parts.unet(noisy, timesteps, **conditioning.unet_kwargs(dtype)).sample
-        target = target_for(parts.noise_scheduler, latents, noise, timesteps, parts.v_prediction)
-        if batch.loss_weight is None:
-            losses = per_sample_loss(prediction, target)
-        else:
-            losses = pixel_weighted_loss(prediction, target, batch.loss_weight)
-        weights = torch.where(batch.is_reg, self.config.dataset.prior_loss_weight, 1.0).to(device)
-        if train.min_snr_gamma:
-            weights = weights * min_snr_weights(parts.noise_scheduler, timesteps, train.min_snr_gamma,
-                                                parts.v_prediction).to(device)
-        return (losses * weights).mean()
+            prediction = parts.unet(noised.noisy, noised.timesteps, **conditioning.unet_kwargs(dtype)).sample
+        weight = batch.loss_weight
+        if loop.masks is not None and (mask := loop.masks.weights(batch)) is not None:
+            weight = mask if weight is None else weight * mask
+        return loop.objective.loss(prediction, latents, noised, batch, weight)
 
-    def _optimizer_step(self, loop: LoopParts) -> None:
-        params = [p for g in loop.optimizer.param_groups for p in g["params"]]  # not re-collected from the model
-        if self.config.optimizer.max_grad_norm:
-            loop.accelerator.clip_grad_norm_(params, self.config.optimizer.max_grad_norm)
-        loop.optimizer.step()
-        if not loop.optimizer.step_was_skipped:  # fp16 overflow skips a step; the schedule waits with it
+    def _optimizer_step(self, loop: LoopParts) -> dict[str, float]:
+        """Step (unless the fused backward pass already did), then what follows each step: the trainable's own
+        update (max-norm regularisation; its numbers are returned for the logs) and the EMA."""
+        if loop.fused is None:
+            params = [p for g in loop.optimizer.param_groups for p in g["params"]]  # not re-collected from the model
+            if self.config.optimizer.max_grad_norm:
+                loop.accelerator.clip_grad_norm_(params, self.config.optimizer.max_grad_norm)
+            loop.optimizer.step()
+        if loop.fused is not None or not loop.optimizer.step_was_skipped:  # fp16 overflow skips; the schedule waits
             loop.scheduler.step()
         loop.optimizer.zero_grad(set_to_none=True)
+        after = getattr(self.trainable, "after_optimizer_step", None)  # optional in the Trainable protocol
+        scalars = after() if after is not None else {}
+        if loop.ema is not None:
+            loop.ema.update(self.progress.global_step + 1)
+        return scalars
 
     # ---------------------------------------------------------------- saving
     def _write_files(self, loop: LoopParts, artifact: Path, with_state: bool) -> None:
         """The artifact, then its state (a kill between leaves a usable artifact, never a state without one)."""
-        self.trainable.save(artifact, self.progress)
+        save_artifact(self.trainable, loop.ema, self.config.ema.save_as, artifact, self.progress)
         if with_state:
             extra = {**self.run.run_shape(), "nan_skipped": self.nan_guard.skipped,
                      **({"tensorboard_dir": str(self.log.dir)} if self.log else {})}
             save_state(state_dir_for(artifact), self.progress, self.trainable.state_dict(), loop.optimizer,
-                       loop.scheduler, loop.accelerator.scaler, extra)
+                       loop.scheduler, loop.accelerator.scaler, extra, loop.ema.state_dict() if loop.ema else None)
         self.hooks.after_save(self, loop, artifact)
 
     def _say(self, message: str) -> None:
@@ -268,6 +299,8 @@ class Trainer:
                   "nothing to train; raise train.max_steps / train.epochs to continue")
         try:
             loop.latents.fill()
+            if loop.masks is not None:
+                loop.masks.fill()
         except KeyboardInterrupt:
             print("\ninterrupted while caching latents, before any training step: nothing to save")
             raise SystemExit(130) from None
@@ -349,13 +382,14 @@ class Trainer:
             if index + 1 - group_start < group_size:
                 continue
             lrs = current_lrs(loop.scheduler, loop.optimizer)  # the rates this step uses, not the next
+            scalars = {}
             if group_skipped < group_size:
-                self._optimizer_step(loop)
+                scalars = self._optimizer_step(loop)
             else:  # every batch of the group was skipped: no update, the schedule waits (as for an fp16 overflow)
                 loop.optimizer.zero_grad(set_to_none=True)
             self.progress = Progress(self.progress.global_step + 1, epoch, index + 1)
             if group_skipped < group_size:
-                log.step(self.progress.global_step, group_loss, lrs, epoch)
+                log.step(self.progress.global_step, group_loss, lrs, epoch, scalars)
                 epoch_losses.append(group_loss)
             self.hooks.after_step(self, loop, group_loss, lrs, batch)
             group_loss, group_skipped = 0.0, 0

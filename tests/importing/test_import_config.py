@@ -171,7 +171,7 @@ def test_sd_scripts_config_and_dataset_config(tmp_path, capsys):
     assert data["trainer"] == "lora"
     assert data["model"] == {"path": "/models/v1-5-pruned-emaonly.safetensors", "clip_skip": 2}
     assert data["network"] == {"type": "lora", "rank": 32, "alpha": 16.0, "conv_rank": 8, "conv_alpha": 4.0,
-                               "unet_lr": 1e-4, "text_encoder_lr": 5e-5}
+                               "rank_dropout": 0.1, "unet_lr": 1e-4, "text_encoder_lr": 5e-5}
     assert data["optimizer"] == {"name": "AdamW8bit", "lr": 1e-4, "args": {"weight_decay": 0.01, "betas": [0.9, 0.99]},
                                  "max_grad_norm": 1.0, "scheduler": "cosine_with_restarts", "num_cycles": 3,
                                  "warmup_ratio": 0.05}
@@ -181,22 +181,20 @@ def test_sd_scripts_config_and_dataset_config(tmp_path, capsys):
     assert (dataset["resolution"], dataset["enable_buckets"], dataset["min_bucket_reso"], dataset["max_bucket_reso"],
             dataset["bucket_reso_steps"]) == (512, True, 256, 1024, 64)
     assert (dataset["shuffle_caption"], dataset["keep_tokens"], dataset["caption_extension"],
-            dataset["cache_latents"]) == (True, 1, ".txt", "disk")
+            dataset["cache_latents"], dataset["keep_tokens_separator"]) == (True, 1, ".txt", "disk", "|||")
     assert dataset["subsets"] == [
         {"image_dir": "/train/mychar/img/10_sks person", "repeats": 10, "class_tokens": "sks person"},
-        {"image_dir": "/train/mychar/extra", "repeats": 3},
+        {"image_dir": "/train/mychar/extra", "repeats": 3, "caption_prefix": "sks person,", "alpha_mask": True},
         {"image_dir": "/train/reg/person", "repeats": 1, "class_tokens": "person", "is_reg": True}]
     assert data["save"] == {"output_dir": "/train/mychar/output", "name": "mychar_v1", "precision": "fp16",
                             "every_n_epochs": 1}
     assert data["logging"] == {"log_dir": "/train/mychar/logs"}
     assert data["sample"] == {"prompt_file": "/train/mychar/prompts.txt", "every_n_epochs": 1, "sampler": "euler_a"}
     skipped = not_imported(text)
-    assert set(skipped) == {"network_args rank_dropout", "max_token_length", "log_with", "subsets[1].caption_prefix",
-                            "subsets[1].keep_tokens_separator", "subsets[1].alpha_mask"}
-    assert "Kiln sets dataset.caption_prefix for every folder" in skipped["subsets[1].caption_prefix"]
+    assert set(skipped) == {"max_token_length", "log_with"}
     assert skipped["max_token_length"] == "not implemented in Kiln"
     out = capsys.readouterr().out
-    assert "not imported (6)" in out and "does not validate" not in out  # the schema accepts the result
+    assert "not imported (2)" in out and "does not validate" not in out  # the schema accepts the result
 
 
 def test_kohya_gui_json(tmp_path, capsys):
@@ -210,7 +208,7 @@ def test_kohya_gui_json(tmp_path, capsys):
                                  "num_cycles": 3, "max_grad_norm": 1.0}
     assert data["train"] == {"batch_size": 2, "epochs": 10, "gradient_accumulation_steps": 1, "mixed_precision": "fp16",
                              "seed": 1234, "gradient_checkpointing": True, "attention": "xformers",
-                             "min_snr_gamma": 5.0}
+                             "multires_noise_iterations": 6, "min_snr_gamma": 5.0}
     assert data["dataset"] == {"train_dir": "/train/mychar/img", "resolution": 512, "enable_buckets": True,
                                "min_bucket_reso": 256, "max_bucket_reso": 2048, "bucket_reso_steps": 64,
                                "bucket_no_upscale": True, "caption_extension": ".txt", "shuffle_caption": True,
@@ -220,8 +218,7 @@ def test_kohya_gui_json(tmp_path, capsys):
     assert data["save"] == {"output_dir": "/train/mychar/model", "name": "mychar_v1", "every_n_epochs": 1,
                             "precision": "fp16"}
     skipped = not_imported(text)
-    assert set(skipped) == {"multires_noise_iterations", "max_token_length", "training_comment",
-                            "num_cpu_threads_per_process", "model_list"}
+    assert set(skipped) == {"max_token_length", "training_comment", "num_cpu_threads_per_process", "model_list"}
     assert "Kiln sets" not in text and "network.factor" not in text
     assert "does not validate" not in capsys.readouterr().out
     # what a user does next: --check it on their machine (here: the tiny model and the sample images)
@@ -287,3 +284,52 @@ def test_readme_mapping_tables_are_the_generated_ones():
     block = readme.split(start, 1)[1].split(end, 1)[0]
     assert block == mapping_table() + "\n" + gui_table(), \
         "README's mapping tables are stale: regenerate with python tools/import_config.py --mapping-table"
+
+
+def test_the_training_options_carry_over(tmp_path, capsys):
+    (tmp_path / "c.toml").write_text("""pretrained_model_name_or_path = "/m.safetensors"
+network_module = "networks.lora"
+network_dim = 8
+network_args = ["conv_dim=4", "down_lr_weight=sine+0.5", "mid_lr_weight=0.5", "block_dims=4,4,4", "rank_dropout=0.1",
+                "module_dropout=0.05"]
+scale_weight_norms = 1.0
+max_train_steps = 100
+multires_noise_iterations = 6
+multires_noise_discount = 0.1
+ip_noise_gamma = 0.1
+zero_terminal_snr = true
+min_timestep = 100
+loss_type = "smooth_l1"
+huber_schedule = "exponential"
+huber_c = 0.2
+huber_scale = 2.0
+debiased_estimation_loss = true
+adaptive_noise_scale = 0.01
+masked_loss = true
+full_bf16 = true
+mixed_precision = "bf16"
+dataset_config = "d.toml"
+""", encoding="utf-8")
+    (tmp_path / "d.toml").write_text("""[general]
+color_aug = true
+[[datasets]]
+resolution = 512
+  [[datasets.subsets]]
+  image_dir = "/img"
+  conditioning_data_dir = "/masks"
+  enable_wildcard = true
+  secondary_separator = ";;;"
+""", encoding="utf-8")
+    data, text, _ = import_to(tmp_path, tmp_path / "c.toml")
+    network, train, dataset = data["network"], data["train"], data["dataset"]
+    assert (network["down_lr_weight"], network["mid_lr_weight"], network["block_dims"]) == ("sine+0.5", "0.5", "4,4,4")
+    assert (network["rank_dropout"], network["module_dropout"], network["scale_weight_norms"]) == (0.1, 0.05, 1.0)
+    assert train["multires_noise_iterations"] == 6 and train["multires_noise_discount"] == 0.1
+    assert train["loss_type"] == "smooth_l1" and train["huber_c"] == 0.2 and train["huber_scale"] == 2.0
+    assert train["zero_terminal_snr"] is True and train["min_timestep"] == 100 and train["full_bf16"] is True
+    assert "adaptive_noise_scale" not in train  # without noise_offset it does nothing: listed, not imported
+    assert "adaptive_noise_scale" in not_imported(text)
+    assert dataset["color_aug"] is True and dataset["cache_latents"] == "off" and dataset["enable_wildcard"] is True
+    assert dataset["subsets"] == [{"image_dir": "/img", "mask_dir": "/masks", "masked_loss": True}]
+    assert dataset["secondary_separator"] == ";;;" and dataset["masked_loss"] is True
+    assert "does not validate" not in capsys.readouterr().out

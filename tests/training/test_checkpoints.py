@@ -82,3 +82,14 @@ def test_temporaries_are_those_of_this_run_name_only(tmp_path):
     assert sorted(p.name for p in temporaries(tmp_path, "t")) == sorted(ours)
     remove_temporaries(tmp_path, "t")
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(others)
+
+
+def test_ema_twins_count_as_outputs_and_are_pruned_with_their_artifact(tmp_path):
+    from library.training.checkpoints import existing_outputs, remove_artifact
+
+    for name in ("t-000001.safetensors", "t-000001-ema.safetensors", "t-ema.safetensors", "other.safetensors"):
+        (tmp_path / name).write_bytes(b"x")
+    found = [p.name for p in existing_outputs(tmp_path, "t")]
+    assert found == ["t-000001-ema.safetensors", "t-000001.safetensors", "t-ema.safetensors"]
+    remove_artifact(tmp_path / "t-000001.safetensors")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["other.safetensors", "t-ema.safetensors"]

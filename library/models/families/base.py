@@ -35,6 +35,10 @@ class ModelFamily:
     unet_kohya_prefix = "lora_unet_"
     is_v2 = False  # sd-scripts' ss_v2 flag
     modelspec_implementation = "diffusers"  # modelspec.implementation of its LoRA files, as sd-scripts writes it
+    # sd-scripts' block-wise LoRA settings (down_lr_weight, block_dims, ...): the UNet's blocks as
+    # (before, down, mid, up, after) counts, the down/mid/up ones being what down_/mid_/up_lr_weight list;
+    # None: the family has no block-wise settings
+    unet_block_layout: tuple[int, int, int, int, int] | None = None
 
     # ---------------------------------------------------------------- recognising a model
     def claims_configs(self, unet_config: Mapping[str, Any], text_config: Mapping[str, Any]) -> bool:
@@ -88,6 +92,14 @@ class ModelFamily:
         """A function giving the kohya LoRA name of a UNet module path (SD1/2: its diffusers path; SDXL: the
         original block names, which depend on the UNet's block layout)."""
         return lambda module_path: self.unet_kohya_prefix + module_path.replace(".", "_")
+
+    def unet_block_names(self) -> list[str]:
+        """The names of the UNet's blocks in sd-scripts' order (block_dims lists one value per name)."""
+        raise NotImplementedError
+
+    def unet_block_index(self, module_path: str) -> int | None:
+        """The sd-scripts block (an index into unet_block_names) a UNet module belongs to, or None."""
+        raise NotImplementedError
 
     def text_encoder_kohya_name(self, slot: TextEncoderSlot, module_path: str) -> str:
         # built explicitly: transformers 5 dropped the `text_model.` level every kohya key still carries

@@ -5,6 +5,7 @@ SD1 uses OpenAI's CLIP ViT-L (768 wide, pads with the end token); SD2 OpenCLIP V
 """
 from __future__ import annotations
 
+import re
 from typing import Any, Mapping, Sequence
 
 import torch
@@ -18,10 +19,15 @@ _TEXT_ENCODER = TextEncoderSlot("text_encoder", "tokenizer", "lora_te_text_model
 # Cross-attention widths of the released models; smaller (built-in, test) models are told apart by SD2's
 # linear transformer projections and GELU text encoder.
 _RELEASED_WIDTHS = (768, 1024)
+# sd-scripts' 25 blocks of the SD1/2 UNet (networks/lora.py get_block_index): IN00 (conv_in, never adapted) to
+# IN11, MID, OUT00 to OUT11; each down/up block i holds layers j at 3i + j and its down/upsampler at 3i + 2
+_BLOCKS_PER_SIDE = 12
+_LAYER = re.compile(r"^(up|down)_blocks\.(\d+)\.(resnets|attentions|upsamplers|downsamplers)\.(\d+)\.")
 
 
 class StableDiffusion(ModelFamily):
     text_encoders = (_TEXT_ENCODER,)
+    unet_block_layout = (0, _BLOCKS_PER_SIDE, 1, _BLOCKS_PER_SIDE, 0)
 
     def __init__(self, name: str, label: str, context_dim: int, pad_token: str, ldm_text_prefix: str,
                  openclip_layout: bool, versions: tuple[tuple[str, str], tuple[str, str]], is_v2: bool):
@@ -79,6 +85,20 @@ class StableDiffusion(ModelFamily):
 
     def base_model_version(self, v_prediction: bool) -> tuple[str, str]:
         return self.versions[1 if v_prediction else 0]
+
+    def unet_block_names(self) -> list[str]:
+        side = range(_BLOCKS_PER_SIDE)
+        return [f"IN{i:02d}" for i in side] + ["MID"] + [f"OUT{i:02d}" for i in side]
+
+    def unet_block_index(self, module_path: str) -> int | None:
+        if module_path.startswith("mid_block."):
+            return _BLOCKS_PER_SIDE
+        match = _LAYER.match(module_path)
+        if match is None:
+            return None
+        side, block, kind, layer = match.group(1), int(match.group(2)), match.group(3), int(match.group(4))
+        index = 3 * block + (2 if kind in ("upsamplers", "downsamplers") else layer)
+        return 1 + index if side == "down" else _BLOCKS_PER_SIDE + 1 + index
 
 
 SD1 = StableDiffusion("sd1", "SD 1.x", 768, EOS_TOKEN, "cond_stage_model.transformer.", False,
