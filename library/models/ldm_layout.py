@@ -25,6 +25,7 @@ VAE_PREFIX = "first_stage_model."
 CLIP_PREFIX = "cond_stage_model.transformer.text_model."  # SD1: OpenAI CLIP via transformers
 OPENCLIP_PREFIX = "cond_stage_model.model."  # SD2: OpenCLIP ViT-H text tower
 SDXL_PREFIX = "conditioner.embedders."
+TEXT_PREFIXES = ("cond_stage_model.", "conditioner.")  # every text encoder's weights, whatever the family
 
 
 class LayoutError(UserError, ValueError):

@@ -19,6 +19,7 @@ class EmbeddingTrainable:
     tensor), which keeps `.optim` files interchangeable with A1111's."""
 
     trains_text_encoder = True  # gradients flow through the frozen text encoder into the vectors
+    saves_base_model = False
 
     def __init__(self, parts: ModelParts, name: str, vectors: torch.Tensor, token_ids: list[int], lr: float,
                  file_format: str = "pt", save_dtype: torch.dtype = torch.float32, checkpoint_hash: str | None = None):

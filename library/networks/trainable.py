@@ -33,6 +33,7 @@ class NetworkTrainable:
     group per text encoder) and saves it in its file layout with the run's metadata."""
 
     artifact_suffix = ".safetensors"
+    saves_base_model = False
 
     def __init__(self, parts: ModelParts, kind: NetworkKind, spec: NetworkSpec, lrs: dict[str, float], seed: int,
                  save_dtype: torch.dtype, metadata: dict[str, str]):

@@ -35,6 +35,7 @@ class A1111Log(TrainerHooks):
         self.name = config.embedding.name
         self.folder = Path(config.logging.log_dir) / datetime.date.today().isoformat() / self.name
         self.optimizer_name = canonical_optimizer_name(config.optimizer.name)
+        self.needs_vae = bool(config.ti_log.create_image_every)  # its previews decode with the VAE
 
     # -- every step
     def after_step(self, trainer: Trainer, loop: LoopParts, loss: float, lrs: dict[str, float], batch: Batch) -> None:

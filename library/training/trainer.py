@@ -82,7 +82,8 @@ class Trainer:
             for param in module.parameters():
                 if id(param) not in keep:
                     param.data = param.data.to(self.run.weight_dtype)
-        parts.vae.to(device, torch.float32)  # fp16 VAE encodes can overflow; it runs once per image when cached
+        # the VAE encodes in the run's precision where that is safe (bf16; fp16 only for a VAE made for it)
+        torch.nn.Module.to(parts.vae, device, self.run.part_dtypes.vae_for(parts.vae.config))
         for param in trainable:
             param.data = param.data.to(device=device, dtype=torch.float32)  # tensors outside the models too
         print(select_attention([parts.unet], train.attention, device))
@@ -92,6 +93,17 @@ class Trainer:
                 for encoder in parts.text_encoders:  # transformers 5 renamed the method; 4.x keeps the old one
                     getattr(encoder, "activation_checkpointing_enable", encoder.gradient_checkpointing_enable)()
         parts.vae.requires_grad_(False)
+
+    def _release_vae(self) -> None:
+        """Once latents are cached, the VAE's memory goes back unless previews decode with it: freed (the disk
+        cache keeps the encoder, to rebuild an entry damaged during the run), or moved to the CPU when the
+        artifact is the whole model."""
+        if self.run.latent_mode == "off" or self.hooks.needs_vae:
+            return
+        if self.trainable.saves_base_model:
+            torch.nn.Module.to(self.parts.vae, "cpu")
+        else:
+            self.parts.release_vae(keep_encoder=self.run.latent_mode == "disk")
 
     def _schedule(self, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler:
         opt, total, start = self.config.optimizer, self.plan.total_steps, self.progress.global_step
@@ -271,6 +283,7 @@ class Trainer:
         except KeyboardInterrupt:
             print("\ninterrupted while caching latents, before any training step: nothing to save")
             raise SystemExit(130) from None
+        self._release_vae()
         self.trainable.set_train(True)
         log = self.log = self._open_log()
         self._summary("running", log)
