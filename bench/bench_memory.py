@@ -103,13 +103,13 @@ log_dir = "{(folder / 'logs').as_posix()}"
     return config
 
 
-def run_config(config: Path, log: Path) -> dict:
-    """Run train_lora.py on `config` in a child process; its peak RSS, RSS during steps and seconds."""
+def run_config(config: Path, log: Path, repo: Path) -> dict:
+    """Run `repo`/train_lora.py on `config` in a child process; its peak RSS, RSS during steps and seconds."""
     import psutil
 
     start = time.perf_counter()
     with open(log, "w", encoding="utf-8") as out:
-        child = subprocess.Popen([sys.executable, "train_lora.py", str(config)], cwd=REPO, stdout=subprocess.PIPE,
+        child = subprocess.Popen([sys.executable, "train_lora.py", str(config)], cwd=repo, stdout=subprocess.PIPE,
                                  stderr=subprocess.STDOUT, text=True, bufsize=1,
                                  env={**os.environ, "PYTHONUNBUFFERED": "1"})  # lines as they are printed
         watched = psutil.Process(child.pid)
@@ -149,6 +149,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=3, help="train.max_steps of each run")
     parser.add_argument("--resolution", type=int, default=256)
     parser.add_argument("--threads", type=int, default=2, help="train.num_threads")
+    parser.add_argument("--repo", type=Path, default=REPO,
+                        help="the Kiln tree whose train_lora.py runs (e.g. an unpacked `git archive` of an earlier "
+                             "commit, to measure before and after)")
     args = parser.parse_args(argv)
     unknown = [c for c in args.configs.split(",") if c not in PRECISIONS]
     if unknown:
@@ -166,11 +169,11 @@ def main(argv: list[str] | None = None) -> int:
         train_dir = write_dataset(folder)
         for precision in args.configs.split(","):
             config = write_config(folder, args.model, train_dir, precision, args)
-            result = run_config(config, Path(tempfile.gettempdir()) / f"kiln-bench-memory-{precision}.log")
+            result = run_config(config, Path(tempfile.gettempdir()) / f"kiln-bench-memory-{precision}.log", args.repo)
             rows.append((precision, result))
             print(f"{precision}: peak RSS {result['peak_gib']:.2f} GiB, during steps {result['steady_gib']:.2f} GiB, "
                   f"setup {result['setup_s']:.1f} s, total {result['seconds']:.1f} s", flush=True)
-    print(f"\ntrain_lora.py, {args.model.name}, LoRA rank 16 on UNet + text encoder, {args.resolution} px, "
+    print(f"\n{args.repo}/train_lora.py, {args.model.name}, LoRA rank 16 on UNet + text encoder, {args.resolution} px, "
           f"{args.steps} steps, {args.threads} threads\n")
     print("| config | peak RSS | RSS during steps | setup (to first step) | total |\n|---|---|---|---|---|")
     for precision, r in rows:

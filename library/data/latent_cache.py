@@ -237,7 +237,7 @@ class DiskLatentCache:
         try:
             with safe_open(str(path), framework="pt") as handle:
                 metadata = handle.metadata() or {}
-                wrong = [k for k, v in expected.items() if metadata.get(k) != v]
+                wrong = [k for k in dict.fromkeys([*expected, "encode_dtype"]) if metadata.get(k) != expected.get(k)]
                 if wrong:
                     raise CacheEntryError(f"written for other settings ({', '.join(wrong)})")
                 if set(handle.keys()) != {"mean", "std"}:
