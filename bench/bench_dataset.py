@@ -3,6 +3,11 @@
 decode check of every image, bucket assignment and the plan, exactly as users run it.
 
     python bench/bench_dataset.py [--images 10000] [--runs 3] [--repo PATH] [--profile]
+    python bench/bench_dataset.py --batch-costs
+
+`--batch-costs` instead measures what the training loop spends per image on data, to decide whether DataLoader
+workers would pay: decoding and resizing a photo-sized JPEG to 512 px (what dataset.cache_latents = "off" does
+every step, before the VAE) and reading one 512 px latent entry from the disk cache (what "disk" does).
 
 The dataset is generated once into /tmp/kiln-bench-dataset-<images>/ (small 64×48, 48×64 and 64×64 PNG and
 JPEG files with a caption each, spread over four NN_name folders) and reused. The model is the built-in tiny
@@ -101,17 +106,69 @@ def print_profile(profile: Path) -> None:
     stats.sort_stats("cumulative").print_stats(25)
 
 
+def batch_costs(count: int = 32) -> None:
+    """Per-image data costs of one training step (see the module docstring), on this machine."""
+    import numpy as np
+    import torch
+    from accelerate import init_empty_weights
+    from diffusers import AutoencoderKL
+    from PIL import Image
+
+    sys.path.insert(0, str(REPO))
+    from library.data.batches import TrainingData
+    from library.data.captions import CaptionOptions
+    from library.data.folders import ImageItem
+    from library.data.latent_cache import DiskLatentCache, LatentEntry
+    from library.models.builtin import read_json
+    from library.models.paths import CONFIG_ROOT
+
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory(prefix="kiln-bench-batch-") as scratch:
+        folder = Path(scratch)
+        rng = np.random.default_rng(0)
+        items = []
+        for index in range(count):
+            ramp = np.linspace(0, 255, 1024)[None, :, None] * rng.random(3)[None, None, :]
+            pixels = np.clip(ramp + rng.normal(0, 24, (768, 1024, 3)), 0, 255).astype(np.uint8)
+            path = folder / f"photo_{index:03d}.jpg"
+            Image.fromarray(pixels).save(path, quality=92)
+            items.append(ImageItem(path, "c", True, 1, False, 0))
+        data = TrainingData(items, CaptionOptions(), 512, 1, seed=1, flip_aug=False, sizes=[(512, 512)] * count)
+        start = time.perf_counter()
+        for index in range(count):
+            data.pixels(index, False)
+        decode = (time.perf_counter() - start) / count
+        with init_empty_weights():  # only its config is used: the latent shape of each entry
+            vae = AutoencoderKL.from_config(read_json(CONFIG_ROOT / "sd1" / "vae" / "config.json"))
+        cache = DiskLatentCache(folder / "cache", vae, vae_id="bench")
+        entries = [LatentEntry(item.path, 512, 512) for item in items]
+        files = [cache.file_for(f"{index:064d}", entry) for index, entry in enumerate(entries)]
+        for index, (path, entry) in enumerate(zip(files, entries)):
+            cache.write(path, f"{index:064d}", entry, torch.randn(4, 64, 64), torch.rand(4, 64, 64))
+        start = time.perf_counter()
+        for index, (path, entry) in enumerate(zip(files, entries)):
+            cache.load(path, f"{index:064d}", entry)
+        read = (time.perf_counter() - start) / count
+    print(f"per image, one thread: decode + resize a 1024x768 JPEG to 512x512 {decode * 1e3:.1f} ms; "
+          f"read a 512 px latent from the disk cache {read * 1e3:.2f} ms")
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=10_000)
     parser.add_argument("--runs", type=int, default=3, help="timed --check runs (fresh processes)")
     parser.add_argument("--repo", type=Path, default=REPO, help="the Kiln tree whose train_lora.py runs")
     parser.add_argument("--profile", action="store_true", help="also profile one --check with cProfile")
+    parser.add_argument("--batch-costs", action="store_true",
+                        help="measure per-image data costs of a training step instead (DataLoader workers or not)")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.batch_costs:
+        batch_costs()
+        return 0
     train = write_dataset(Path(tempfile.gettempdir()) / f"kiln-bench-dataset-{args.images}", args.images)
     with tempfile.TemporaryDirectory(prefix="kiln-bench-dataset-") as scratch:
         config = write_config(Path(scratch), train)
