@@ -5,7 +5,8 @@
 
 Reads the same TOML as the trainers (it needs only [model] and [dataset]; other sections are left to the
 trainer). Latents go to dataset.cache_dir (default <train_dir>/.kiln-cache), keyed on each image's content,
-size, crop, flip and the VAE, so a later run with dataset.cache_latents = "disk" never runs the VAE on them.
+size, crop, flip, the VAE and its precision (the config's train.mixed_precision, as its trainer encodes), so a
+later run with dataset.cache_latents = "disk" never runs the VAE on them.
 Interrupted, it keeps what it wrote: run it again to continue. Run it again after editing images or bucket
 settings and only what changed is encoded.
 """
@@ -13,12 +14,20 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import Literal
 
 from pydantic import ConfigDict
 
 from library.cli import run_main
-from library.config.loading import load_config
+from library.config.loading import read_raw_config, validate_raw
 from library.config.schema import DatasetSection, ModelSection, Section
+
+
+class PrepareTrainSection(Section):
+    """Of [train], what decides the precision the VAE encodes in."""
+
+    model_config = ConfigDict(extra="ignore", validate_assignment=True)
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
 
 
 class PrepareConfig(Section):
@@ -27,6 +36,7 @@ class PrepareConfig(Section):
     model_config = ConfigDict(extra="ignore", validate_assignment=True)
     model: ModelSection
     dataset: DatasetSection
+    train: PrepareTrainSection = PrepareTrainSection()
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -50,11 +60,13 @@ def _main(argv: list[str] | None) -> int:
     # imported once the arguments parse: --help answers without loading torch
     from library.data.buckets import assign_buckets, square_assignment, upscale_warning
     from library.data.folders import balance_reg_items
+    from library.config.trainers import infer_trainer
     from library.data.latent_cache import DiskLatentCache, LatentEntry
     from library.recipes.checks import environment_problems
     from library.recipes.resolve import bucket_settings, latent_cache_dir, scan_dataset
 
-    config = load_config(args.config, args.overrides, PrepareConfig, environment=environment_problems)
+    raw = read_raw_config(args.config, args.overrides)
+    config = validate_raw(raw, PrepareConfig, environment=environment_problems)
     ds = config.dataset
     scan = scan_dataset(ds)
     items = scan.train_items + balance_reg_items(scan.num_train_samples(), scan.reg_items)
@@ -72,7 +84,7 @@ def _main(argv: list[str] | None) -> int:
     flips = (False, True) if ds.flip_aug else (False,)
     entries = [LatentEntry(item.path, w, h, flip) for item, (w, h) in zip(items, buckets.sizes) for flip in flips]
     folder = latent_cache_dir(ds)
-    vae = load_vae(config, args.device)
+    vae = load_vae(config, args.device, infer_trainer(raw.data))
     cache = DiskLatentCache(folder, vae)
     print(f"caching {len(entries)} latents ({len(items)} images{' and their mirror images' if ds.flip_aug else ''}) "
           f"in {folder}")
@@ -89,20 +101,30 @@ def _main(argv: list[str] | None) -> int:
     return 0
 
 
-def load_vae(config: PrepareConfig, device: str):
-    """The config's VAE in fp32 (as the trainer encodes), on `device`."""
+def load_vae(config: PrepareConfig, device: str, trainer: str):
+    """The config's VAE in the precision its trainer encodes in (train.mixed_precision where that is safe), on
+    `device`; the other parts load in the run's precision too (less memory)."""
+    import importlib
+
     import torch
 
+    from library.config.trainers import TRAINER_SCRIPTS
+    from library.models.dtypes import PartDtypes
     from library.models.loading import load_model
     from library.quiet import quiet_libraries
+    from library.training.device import WEIGHT_DTYPES
 
     quiet_libraries()
 
+    # as recipes/resolve.py part_dtypes decides the VAE's dtype (the trainer's recipe, unknown names as LoRA)
+    recipe = importlib.import_module(f"library.recipes.{trainer}").RECIPE if trainer in TRAINER_SCRIPTS else None
+    saves_vae = recipe is not None and recipe.saves_base_model
+    dtypes = PartDtypes.for_run(WEIGHT_DTYPES[config.train.mixed_precision], {"vae"} if saves_vae else ())
     v_param = None if config.model.v_parameterization == "auto" else config.model.v_parameterization
-    parts = load_model(config.model.path, v_param, config.model.config_dir or None)
+    parts = load_model(config.model.path, v_param, config.model.config_dir or None, dtypes)
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    return parts.vae.to(device, torch.float32).eval().requires_grad_(False)
+    return torch.nn.Module.to(parts.vae, device).eval().requires_grad_(False)
 
 
 if __name__ == "__main__":

@@ -17,11 +17,9 @@ from pathlib import Path
 from PIL import Image
 
 from library.data.folders import ImageItem
+from library.data.images import header_upright_size
 
 Size = tuple[int, int]  # (width, height) in pixels
-
-_EXIF_ORIENTATION = 0x0112
-_TRANSPOSED_ORIENTATIONS = (5, 6, 7, 8)  # EXIF rotations by 90°: width and height swap once upright
 
 
 @dataclass(frozen=True)
@@ -115,12 +113,7 @@ def assign_bucket(width: int, height: int, settings: BucketSettings, buckets: li
 def upright_size(path: Path) -> Size:
     """(width, height) as the image is shown (EXIF rotation applied), from the header only."""
     with Image.open(path) as img:
-        width, height = img.size
-        try:
-            orientation = img.getexif().get(_EXIF_ORIENTATION)
-        except Exception:  # noqa: BLE001 - corrupt EXIF: load_image then ignores it too
-            orientation = None
-    return (height, width) if orientation in _TRANSPOSED_ORIENTATIONS else (width, height)
+        return header_upright_size(img)
 
 
 def read_sizes(paths: list[Path], workers: int | None = None) -> list[Size]:
@@ -130,6 +123,15 @@ def read_sizes(paths: list[Path], workers: int | None = None) -> list[Size]:
         return [upright_size(p) for p in paths]
     with ThreadPoolExecutor(max_workers=workers) as pool:
         return list(pool.map(upright_size, paths))
+
+
+def item_sizes(items: list[ImageItem], workers: int | None = None) -> list[Size]:
+    """Each item's upright size: the one its dataset scan read, else read from the header now."""
+    unknown = [index for index, item in enumerate(items) if item.size is None]
+    sizes: list[Size | None] = [item.size for item in items]
+    for index, size in zip(unknown, read_sizes([items[i].path for i in unknown], workers)):
+        sizes[index] = size
+    return sizes
 
 
 # ------------------------------------------------------------------ assignment and report
@@ -199,9 +201,9 @@ def upscale_warning(items: list[ImageItem], assignment: BucketAssignment, limit:
 
 
 def assign_buckets(items: list[ImageItem], settings: BucketSettings, workers: int | None = None) -> BucketAssignment:
-    """Read every item's size (headers only) and give it a bucket."""
+    """Give every item a bucket by its size (from the scan, or read from the header)."""
     buckets = bucket_resolutions(settings.resolution, settings.min_reso, settings.max_reso, settings.step)
-    image_sizes = read_sizes([item.path for item in items], workers)
+    image_sizes = item_sizes(items, workers)
     sizes = [assign_bucket(w, h, settings, buckets) for w, h in image_sizes]
     return BucketAssignment(settings, image_sizes, sizes)
 
@@ -209,5 +211,5 @@ def assign_buckets(items: list[ImageItem], settings: BucketSettings, workers: in
 def square_assignment(items: list[ImageItem], resolution: int, workers: int | None = None) -> BucketAssignment:
     """Buckets off: every image at resolution², reported in the same table form (prepare_buckets.py)."""
     settings = BucketSettings(resolution, resolution, resolution, resolution, enabled=False)
-    image_sizes = read_sizes([item.path for item in items], workers)
+    image_sizes = item_sizes(items, workers)
     return BucketAssignment(settings, image_sizes, [(resolution, resolution)] * len(items))

@@ -14,11 +14,12 @@ from pathlib import Path
 
 from library.data.captions import CLASS_TOKENS, caption_or_problem
 from library.data.errors import DatasetError, DatasetProblem
-from library.data.images import image_problem
+from library.data.images import ImageCheck, check_image
 from library.data.listing import (FolderListing, count as _count, empty_problems, find_caption, folder_notes,
                                   is_image, list_folder)
 
 _LIST_LIMIT = 10
+_CHECK_CHUNK = 64  # images per thread-pool task in the scan
 _FOLDER_NAME = re.compile(r"^(\d+)_(.*)$", re.DOTALL)
 
 
@@ -39,6 +40,7 @@ class ImageItem:
     repeats: int
     is_reg: bool
     subset_index: int
+    size: tuple[int, int] | None = field(default=None, compare=False)  # upright (width, height) the scan read
 
 
 @dataclass
@@ -211,14 +213,21 @@ def _normalise_extension(ext: str) -> str:
     return ext if ext.startswith(".") else "." + ext
 
 
-def _check_images(paths: list[Path], workers: int | None) -> list[str | None]:
-    """image_problem for each path, in order; decoding releases the GIL, so threads give a real speed-up."""
+def _check_chunk(paths: list[Path]) -> list[ImageCheck]:
+    return [check_image(path) for path in paths]
+
+
+def _check_images(paths: list[Path], workers: int | None) -> list[ImageCheck]:
+    """check_image for each path, in order; decoding releases the GIL, so threads give a real speed-up. Paths go
+    to the threads in chunks: one task per small image would cost more than checking it."""
     if workers is None:
         workers = min(8, os.cpu_count() or 1)
     if workers <= 1 or len(paths) < 2:
-        return [image_problem(p) for p in paths]
+        return _check_chunk(paths)
+    size = max(1, min(_CHECK_CHUNK, len(paths) // workers))
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        return list(pool.map(image_problem, paths))
+        chunks = pool.map(_check_chunk, [paths[i:i + size] for i in range(0, len(paths), size)])
+        return [check for chunk in chunks for check in chunk]
 
 
 def _list_subsets(subsets: list[Subset]) -> tuple[list[tuple[int, Path, Path | None]], dict[int, FolderListing],
@@ -253,9 +262,11 @@ def collect_scan(subsets: list[Subset], check_images: bool = True, workers: int 
         return DatasetScan([], [], [], [], problems=[DatasetProblem(
             "location", "no dataset folders to scan; set dataset.train_dir to a folder holding NN_name/ folders")])
     candidates, listings, problems = _list_subsets(subsets)
-    reasons = _check_images([c[1] for c in candidates], workers) if check_images else [None] * len(candidates)
+    checks = _check_images([c[1] for c in candidates], workers) if check_images else [ImageCheck(None)] * len(
+        candidates)
     items, missing, bad, bad_captions = [], [], [], []
-    for (index, image, caption_path), reason in zip(candidates, reasons):
+    for (index, image, caption_path), check in zip(candidates, checks):
+        reason = check.problem
         caption, caption_reason = caption_or_problem(caption_path) if caption_path is not None else ("", None)
         if caption_reason is not None:
             bad_captions.append((caption_path, caption_reason))
@@ -268,7 +279,7 @@ def collect_scan(subsets: list[Subset], check_images: bool = True, workers: int 
         if not from_file:
             missing.append(image)
             caption = subset.class_tokens
-        items.append(ImageItem(image, caption, from_file, subset.repeats, subset.is_reg, index))
+        items.append(ImageItem(image, caption, from_file, subset.repeats, subset.is_reg, index, check.size))
 
     notes = []
     for index, listing in listings.items():

@@ -1,8 +1,9 @@
 """VAE encoding of training images, and a disk cache of the results that is never stale.
 
 A cache entry is addressed by everything that decides its latent: the image file's bytes (SHA-256), the
-training size, the crop, the flip, and the VAE's identity (a hash of its config and its encoder weights,
-the only weights that shape a latent; swapping in a VAE with a fine-tuned decoder keeps the cache). Edit an
+training size, the crop, the flip, the VAE's identity (a hash of its config and its encoder weights,
+the only weights that shape a latent; swapping in a VAE with a fine-tuned decoder keeps the cache) and the
+precision it encodes in (a bf16 run's VAE encodes in bf16: its entries never mix with fp32 ones). Edit an
 image, change a bucket setting or swap the VAE and only the affected entries are encoded again; entries for
 old settings stay on disk (they are reused if you switch back; deleting the folder is always safe).
 
@@ -212,11 +213,15 @@ class DiskLatentCache:
         self.folder = Path(folder)
         self.vae = vae
         self.vae_id = vae_id or vae_identity(vae)
+        self.encode_dtype = str(vae.dtype).removeprefix("torch.")  # what encode_distribution runs the VAE in
 
     # ---------------------------------------------------------------- addressing
     def _fields(self, digest: str, entry: LatentEntry) -> dict[str, str]:
-        return {"format": CACHE_FORMAT, "image_sha256": digest, "width": str(entry.width),
-                "height": str(entry.height), "crop": entry.crop, "flip": str(int(entry.flip)), "vae": self.vae_id}
+        fields = {"format": CACHE_FORMAT, "image_sha256": digest, "width": str(entry.width),
+                  "height": str(entry.height), "crop": entry.crop, "flip": str(int(entry.flip)), "vae": self.vae_id}
+        if self.encode_dtype != "float32":  # fp32 entries keep the key they had before precision was part of it
+            fields["encode_dtype"] = self.encode_dtype
+        return fields
 
     def file_for(self, digest: str, entry: LatentEntry) -> Path:
         key = hashlib.sha256(json.dumps(self._fields(digest, entry), sort_keys=True).encode()).hexdigest()[:40]
@@ -232,7 +237,7 @@ class DiskLatentCache:
         try:
             with safe_open(str(path), framework="pt") as handle:
                 metadata = handle.metadata() or {}
-                wrong = [k for k, v in expected.items() if metadata.get(k) != v]
+                wrong = [k for k in dict.fromkeys([*expected, "encode_dtype"]) if metadata.get(k) != expected.get(k)]
                 if wrong:
                     raise CacheEntryError(f"written for other settings ({', '.join(wrong)})")
                 if set(handle.keys()) != {"mean", "std"}:

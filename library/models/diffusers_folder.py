@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Mapping
 
 import torch
+from accelerate import init_empty_weights
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
@@ -17,9 +18,11 @@ from transformers import CLIPTokenizer
 
 from library.faults import fault_point
 from library.models.builtin import read_json
+from library.models.dtypes import PartDtypes
 from library.models.families import ModelFamily, family_for_configs, supported_labels
 from library.models.parts import ModelParts, training_scheduler
 from library.models.paths import ModelLoadError, folder_problem
+from library.models.tensor_files import own_memory, read_safetensors, safetensors_header
 
 # Scheduler settings every SD1/SD2/SDXL base model was trained with; used when a folder has none.
 DEFAULT_SCHEDULER = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
@@ -49,8 +52,36 @@ def _variant(component_dir: Path) -> str | None:
     return None
 
 
-def load_diffusers_folder(folder: Path, dtype: torch.dtype) -> tuple[ModelParts, str | None]:
-    """Load each component with from_pretrained(local_files_only=True); returns (parts, v-pred reason)."""
+def _lean_component(cls, component_dir: Path, variant: str | None, dtype: torch.dtype):
+    """A diffusers model built empty from its config and given its weights read tensor by tensor in `dtype`
+    (library/models/tensor_files.py), or None when the folder holds them otherwise (.bin, shards, old key
+    names): diffusers' own loader reads those."""
+    name = f"diffusion_pytorch_model.{variant}.safetensors" if variant else "diffusion_pytorch_model.safetensors"
+    weights = component_dir / name
+    if not weights.is_file():
+        return None
+    with init_empty_weights():
+        model = cls.from_config(cls.load_config(component_dir, local_files_only=True))
+    expected = {key: tuple(tensor.shape) for key, tensor in model.state_dict().items()}
+    if safetensors_header(weights)[0] != expected:
+        return None
+    model.load_state_dict(read_safetensors(weights, dict.fromkeys(expected, dtype)), strict=True, assign=True)
+    return model.eval()
+
+
+def _diffusers_component(cls, folder: Path, sub: str, dtype: torch.dtype):
+    variant = _variant(folder / sub)
+    model = _lean_component(cls, folder / sub, variant, dtype)
+    if model is None:
+        model = cls.from_pretrained(folder, subfolder=sub, local_files_only=True, torch_dtype=dtype, variant=variant)
+        if dtype == torch.float32:
+            own_memory(model)
+    return model
+
+
+def load_diffusers_folder(folder: Path, dtypes: PartDtypes) -> tuple[ModelParts, str | None]:
+    """Load each component offline in its dtype (text encoders read wider for fp32 token embeddings are
+    finished by cast_parts); returns (parts, v-pred reason)."""
     problem = folder_problem(folder)
     if problem:
         raise ModelLoadError(problem)
@@ -61,14 +92,17 @@ def load_diffusers_folder(folder: Path, dtype: torch.dtype) -> tuple[ModelParts,
     # Decide the family from the configs first, so unsupported models fail before any weights load.
     family = family_from_configs(read_json(folder / "unet" / "config.json"),
                                  read_json(folder / "text_encoder" / "config.json"), str(folder))
+    text_dtype, vae_dtype = dtypes.text_read_dtype(), dtypes.vae_for(read_json(folder / "vae" / "config.json"))
     try:
-        unet = UNet2DConditionModel.from_pretrained(
-            folder, subfolder="unet", local_files_only=True, torch_dtype=dtype, variant=_variant(folder / "unet"))
-        vae = AutoencoderKL.from_pretrained(
-            folder, subfolder="vae", local_files_only=True, torch_dtype=dtype, variant=_variant(folder / "vae"))
-        encoders = [cls.from_pretrained(folder, subfolder=slot.attribute, local_files_only=True, dtype=dtype,
+        unet = _diffusers_component(UNet2DConditionModel, folder, "unet", dtypes.unet)
+        vae = _diffusers_component(AutoencoderKL, folder, "vae", vae_dtype)
+        # transformers reads the (small) text encoders tensor by tensor in the requested dtype itself
+        encoders = [cls.from_pretrained(folder, subfolder=slot.attribute, local_files_only=True, dtype=text_dtype,
                                         variant=_variant(folder / slot.attribute))
                     for slot, cls in zip(family.text_encoders, family.text_encoder_classes())]
+        if text_dtype == torch.float32:
+            for encoder in encoders:
+                own_memory(encoder)
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"Cannot load the diffusers model in {folder}: {exc}") from exc
     scheduler_path = folder / "scheduler" / "scheduler_config.json"

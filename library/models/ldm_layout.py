@@ -27,6 +27,7 @@ OPENCLIP_PREFIX = "cond_stage_model.model."  # SD2: OpenCLIP ViT-H text tower
 SDXL_PREFIX = "conditioner.embedders."
 SDXL_CLIP_PREFIX = "conditioner.embedders.0.transformer.text_model."  # SDXL TE1: OpenAI CLIP ViT-L, HF names
 SDXL_OPENCLIP_PREFIX = "conditioner.embedders.1.model."  # SDXL TE2: OpenCLIP ViT-bigG, OpenCLIP names
+TEXT_PREFIXES = ("cond_stage_model.", "conditioner.")  # every text encoder's weights, whatever the family
 
 
 class LayoutError(UserError, ValueError):

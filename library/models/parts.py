@@ -60,6 +60,14 @@ class ModelParts:
                 torch.nn.Module.to(module, **kwargs)
         return self
 
+    def release_vae(self, keep_encoder: bool = False) -> None:
+        """Free the VAE's weights once nothing will run it (its config stays readable); `keep_encoder` keeps
+        what encoding needs (encoder and quant_conv), freeing only the decoder side."""
+        freed = [self.vae.decoder, self.vae.post_quant_conv] if keep_encoder else [self.vae]
+        for module in freed:
+            if module is not None:  # a VAE without post_quant_conv (use_post_quant_conv = false) has None here
+                torch.nn.Module.to(module, "meta")
+
     def pipeline(self, scheduler: Any = None):
         """A sampling pipeline sharing these modules (no safety checker); DDIM unless ``scheduler`` is given."""
         return self.family.pipeline(self, scheduler or sampling_scheduler(self.noise_scheduler))

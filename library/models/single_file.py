@@ -16,32 +16,25 @@ import torch
 import yaml
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from diffusers.loaders.single_file_utils import create_diffusers_clip_model_from_ldm
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from library.atomic import write_atomically
 from library.models import ldm_layout as layout
 from library.models.builtin import read_json
+from library.models.dtypes import PartDtypes
 from library.models.diffusers_folder import DEFAULT_SCHEDULER, folder_tokenizers
 from library.models.families import FAMILIES, ModelFamily, family_for_ldm_keys, supported_labels
 from library.models.parts import ModelParts, sampling_scheduler, training_scheduler
 from library.models.paths import BUILTIN_PREFIX, CONFIG_ROOT, ModelLoadError
-from library.safe_load import UnreadableTensorFile, first_line, load_weights_only
+from library.models.tensor_files import owned_copy, read_safetensors, safetensors_header
+from library.safe_load import UnreadableTensorFile, load_weights_only
 
 # Config files embedded as metadata in our single files, so they reload with the exact architecture.
 _CONFIG_FILES = {"unet": "config.json", "vae": "config.json", "scheduler": "scheduler_config.json"}
 
 
-def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Tensors and safetensors metadata of a single file; pickles only through weights_only=True."""
-    if path.suffix.lower() == ".safetensors":
-        try:
-            with safe_open(str(path), framework="pt") as handle:
-                metadata = handle.metadata() or {}
-            return load_file(str(path)), metadata
-        except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types for corrupt files
-            raise ModelLoadError(f"Cannot read {path} as safetensors ({first_line(exc)}); the file may be "
-                                 "incomplete or corrupt.") from None
+def _read_pickle(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a pickled checkpoint, only ever through weights_only=True."""
     try:
         data = load_weights_only(path, mmap=zipfile.is_zipfile(path))
     except UnreadableTensorFile as err:
@@ -53,7 +46,28 @@ def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]
         raise ModelLoadError(f"{path} is a textual-inversion embedding, not a base model.")
     if not isinstance(data, dict):
         raise ModelLoadError(f"{path} holds a {type(data).__name__}, not a state dict of tensors.")
-    return {k: v for k, v in data.items() if isinstance(v, torch.Tensor)}, {}
+    return {k: v for k, v in data.items() if isinstance(v, torch.Tensor)}
+
+
+def _part_dtype(key: str, dtypes: PartDtypes, vae_dtype: torch.dtype) -> torch.dtype | None:
+    """The dtype an original-layout key loads in; None for what no part uses (EMA copies, schedule buffers)."""
+    if key.startswith(layout.UNET_PREFIX):
+        return dtypes.unet
+    if key.startswith(layout.VAE_PREFIX):
+        return vae_dtype
+    if key.startswith(layout.TEXT_PREFIXES):
+        return dtypes.text_read_dtype()
+    return None
+
+
+def _read_tensors(path: Path, shapes: Mapping[str, tuple], pickled: dict | None, dtypes: PartDtypes,
+                  vae_dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The tensors the parts use, each cast to its part's dtype as it is read and owning its memory."""
+    wanted = {k: d for k in shapes if (d := _part_dtype(k, dtypes, vae_dtype)) is not None}
+    if pickled is None:
+        return read_safetensors(path, wanted)
+    # a pickle is one mapping (or one read) of the whole file; cast tensor by tensor, letting each source go
+    return {key: owned_copy(pickled.pop(key), dtype) for key, dtype in wanted.items()}
 
 
 def _not_a_base_model(path: Path, keys: list[str]) -> str:
@@ -92,9 +106,9 @@ def _write_config_folder(metadata: Mapping[str, str], family: ModelFamily, folde
         target.write_text(metadata[f"kiln.config.{sub}"], encoding="utf-8")
 
 
-def _shipped_config_dir(path: Path, state_dict: Mapping, family: ModelFamily) -> Path:
+def _shipped_config_dir(path: Path, shapes: Mapping[str, tuple], family: ModelFamily) -> Path:
     """The shipped full-size config folder matching the file's cross-attention width."""
-    width = layout.ldm_context_dim({k: v.shape for k, v in state_dict.items()})
+    width = layout.ldm_context_dim(shapes)
     folder = family.config_folder(width)
     if folder is not None:
         return CONFIG_ROOT / folder
@@ -137,14 +151,17 @@ def _assert_loaded(module: torch.nn.Module, what: str, path: Path) -> None:
         raise ModelLoadError(f"{path}: the {what} weights are incomplete ({len(missing)} missing, e.g. {missing[:2]}).")
 
 
-def _modules(state_dict: dict, family: ModelFamily, config_dir: Path, dtype: torch.dtype, path: Path):
+def _modules(state_dict: dict, family: ModelFamily, config_dir: Path, dtypes: tuple[torch.dtype, ...], path: Path):
+    """UNet, VAE and text encoders built empty and given the (already cast) tensors of `state_dict`: diffusers
+    assigns them without another copy. `dtypes`: the UNet's, the VAE's and the text encoders'."""
     # Passing float32 explicitly only triggers a spurious diffusers warning about fp32 modules.
-    torch_dtype = None if dtype == torch.float32 else dtype
-    common = dict(config=str(config_dir), local_files_only=True, torch_dtype=torch_dtype)
+    unet_dtype, vae_dtype, text_dtype = (None if dtype == torch.float32 else dtype for dtype in dtypes)
+    common = dict(config=str(config_dir), local_files_only=True)
     try:
-        unet = UNet2DConditionModel.from_single_file(state_dict, subfolder="unet", **common)
-        vae = AutoencoderKL.from_single_file(state_dict, subfolder="vae", **common)
-        encoders = [create_diffusers_clip_model_from_ldm(cls, state_dict, subfolder=slot.attribute, **common)
+        unet = UNet2DConditionModel.from_single_file(state_dict, subfolder="unet", torch_dtype=unet_dtype, **common)
+        vae = AutoencoderKL.from_single_file(state_dict, subfolder="vae", torch_dtype=vae_dtype, **common)
+        encoders = [create_diffusers_clip_model_from_ldm(cls, state_dict, subfolder=slot.attribute,
+                                                         torch_dtype=text_dtype, **common)
                     for slot, cls in zip(family.text_encoders, family.text_encoder_classes())]
     except (OSError, ValueError, KeyError) as exc:
         raise ModelLoadError(f"Cannot load {path} with the configs in {config_dir}: {exc}") from exc
@@ -153,19 +170,39 @@ def _modules(state_dict: dict, family: ModelFamily, config_dir: Path, dtype: tor
     return unet, vae, encoders
 
 
-def load_single_file(path: Path, config_dir: Path | None, dtype: torch.dtype) -> tuple[ModelParts, str]:
-    """Load an original-layout file through diffusers' single-file converters; returns (parts, v-pred reason)."""
-    state_dict, metadata = read_checkpoint(path)
-    family = _family_of(path, list(state_dict))
+def _config_folder(path: Path, config_dir: Path | None, metadata: Mapping[str, str], shapes: Mapping[str, tuple],
+                   family: ModelFamily, scratch: Path) -> Path:
+    """The diffusers configs describing the file: config_dir, those embedded in our own files, or the shipped
+    ones of its family and width."""
+    if config_dir is None and "kiln.config.unet" in metadata:
+        _write_config_folder(metadata, family, scratch)
+        return scratch
+    if config_dir is None:
+        return _shipped_config_dir(path, shapes, family)
+    if not (config_dir / "unet" / "config.json").is_file():
+        raise ModelLoadError(f"config_dir {config_dir} has no unet/config.json; pass a diffusers model folder.")
+    return config_dir
+
+
+def load_single_file(path: Path, config_dir: Path | None, dtypes: PartDtypes) -> tuple[ModelParts, str]:
+    """Load an original-layout file through diffusers' single-file converters, each part in its dtype (text
+    encoders read wider for fp32 token embeddings are finished by cast_parts); returns (parts, v-pred reason).
+    A .safetensors file is read tensor by tensor and not kept mapped."""
+    if path.suffix.lower() == ".safetensors":
+        shapes, metadata = safetensors_header(path)
+        pickled = None
+    else:
+        pickled, metadata = _read_pickle(path), {}
+        shapes = {k: tuple(v.shape) for k, v in pickled.items()}
+    family = _family_of(path, list(shapes))
     with tempfile.TemporaryDirectory(prefix="kiln-config-") as scratch:
-        if config_dir is None and "kiln.config.unet" in metadata:
-            config_dir = Path(scratch)
-            _write_config_folder(metadata, family, config_dir)
-        elif config_dir is None:
-            config_dir = _shipped_config_dir(path, state_dict, family)
-        elif not (config_dir / "unet" / "config.json").is_file():
-            raise ModelLoadError(f"config_dir {config_dir} has no unet/config.json; pass a diffusers model folder.")
-        unet, vae, encoders = _modules(state_dict, family, config_dir, dtype, path)
+        config_dir = _config_folder(path, config_dir, metadata, shapes, family, Path(scratch))
+        vae_dtype = dtypes.vae_for(read_json(config_dir / "vae" / "config.json"))
+        state_dict = _read_tensors(path, shapes, pickled, dtypes, vae_dtype)
+        del pickled  # what the parts do not use of a pickled file goes now
+        unet, vae, encoders = _modules(state_dict, family, config_dir,
+                                       (dtypes.unet, vae_dtype, dtypes.text_read_dtype()), path)
+        del state_dict  # the modules hold these very tensors: no second copy
         tokenizers = folder_tokenizers(config_dir, family)
         scheduler_path = config_dir / "scheduler" / "scheduler_config.json"
         scheduler_config = read_json(scheduler_path) if scheduler_path.is_file() else dict(DEFAULT_SCHEDULER)
@@ -174,7 +211,6 @@ def load_single_file(path: Path, config_dir: Path | None, dtype: torch.dtype) ->
                        noise_scheduler=training_scheduler(scheduler_config, v_prediction),
                        v_prediction=v_prediction, source=path.name)
     return parts, reason
-
 
 # ----------------------------------------------------------------------------------------- saving
 

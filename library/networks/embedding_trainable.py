@@ -21,6 +21,7 @@ class EmbeddingTrainable:
     file key (TextEncoderSlot.embedding_key: "emb_params", or SDXL's "clip_l" and "clip_g")."""
 
     trains_text_encoder = True  # gradients flow through the frozen text encoders into the vectors
+    saves_base_model = False
 
     def __init__(self, parts: ModelParts, name: str, vectors: torch.Tensor | list[torch.Tensor], token_ids: list[int],
                  lr: float, file_format: str = "pt", save_dtype: torch.dtype = torch.float32,

@@ -14,6 +14,7 @@ from library.training.checkpoints import Progress
 class HypernetworkTrainable:
     artifact_suffix = ".pt"
     trains_text_encoder = False  # the text encoder only feeds the context; no gradient flows into it
+    saves_base_model = False
 
     def __init__(self, parts: ModelParts, network: Hypernetwork, lr: float, save_dtype: torch.dtype = torch.float32):
         self.parts = parts

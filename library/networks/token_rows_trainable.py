@@ -22,6 +22,7 @@ class TokenRowsTrainable:
 
     artifact_suffix = ".safetensors"
     trains_text_encoder = True  # gradients flow through the frozen text encoder into the rows
+    saves_base_model = False
 
     def __init__(self, parts: ModelParts, token_ids: list[int] | None, words: list[str], tokens: list[str], lr: float,
                  save_dtype: torch.dtype = torch.float32, checkpoint_hash: str | None = None):

@@ -37,6 +37,7 @@ class NetworkTrainable:
     block-wise settings for the UNet (per-block rates, ranks, alphas); `max_norm`: scale_weight_norms."""
 
     artifact_suffix = ".safetensors"
+    saves_base_model = False
 
     def __init__(self, parts: ModelParts, kind: NetworkKind, spec: NetworkSpec, lrs: dict[str, float], seed: int,
                  save_dtype: torch.dtype, metadata: dict[str, str], blocks: BlockSettings | None = None,

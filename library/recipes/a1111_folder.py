@@ -41,6 +41,7 @@ class A1111LogFolder(TrainerHooks):
         self.prompt_transform = prompt_transform or (lambda text: text)
         self.folder = Path(config.logging.log_dir) / datetime.date.today().isoformat() / name
         self.optimizer_name = canonical_optimizer_name(config.optimizer.name)
+        self.needs_vae = bool(log.create_image_every)  # its previews decode with the VAE
 
     # -- every step
     def after_step(self, trainer: Trainer, loop: LoopParts, loss: float, lrs: dict[str, float], batch: Batch) -> None:

@@ -51,6 +51,9 @@ class Recipe:
     # (section, key, "file" | "folder") of this trainer's own paths: resolved and checked like the shared ones
     path_keys: tuple[tuple[str, str, str], ...] = ()
     captionless = CLASS_TOKENS  # what an image without a caption trains with (the summary says it)
+    # the artifact is the whole model: its VAE is saved too, so it stays fp32 (not rounded to the compute
+    # dtype) and is kept, off the device, once latents are cached
+    saves_base_model = False
 
     def environment_problems(self, data: dict) -> list[str]:
         """Checks of this trainer's sections that need files, a registry or a tokenizer, on the raw config data
@@ -91,6 +94,12 @@ class Recipe:
     def text_encoder_trained_by(self, config: "RunConfig") -> str | None:
         """The config key that makes this run change a text encoder's output (then its outputs cannot be
         cached), or None when no text encoder trains."""
+        raise NotImplementedError
+
+    def trained_parts(self, config: "RunConfig") -> frozenset[str]:
+        """The parts of the base model whose own weights this run trains ("unet", "text_encoders",
+        "token_embeddings": library/models/dtypes.py PART_NAMES): they load in fp32, the frozen rest straight
+        into the run's compute dtype (train.mixed_precision)."""
         raise NotImplementedError
 
     def latent_draw(self, config: "RunConfig", cached: bool) -> str:

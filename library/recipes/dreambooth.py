@@ -73,6 +73,7 @@ class DreamBoothRecipe(Recipe):
     name = "dreambooth"
     script = "train_dreambooth.py"
     config_class = DreamBoothRunConfig
+    saves_base_model = True
 
     def environment_problems(self, data: dict) -> list[str]:
         from library.data.folders import parse_folder_name
@@ -110,6 +111,9 @@ class DreamBoothRecipe(Recipe):
         whole = sum(size.params for size in sizes.values())
         return SaveSizes(whole * SAVE_BYTES[config.save.precision],
                          state_bytes(trained, canonical_optimizer_name(config.optimizer.name)))
+
+    def trained_parts(self, config: DreamBoothRunConfig) -> frozenset[str]:
+        return frozenset({"unet", "text_encoders"} if config.dreambooth.train_text_encoder else {"unet"})
 
     def text_encoder_trained_by(self, config: DreamBoothRunConfig) -> str | None:
         return "dreambooth.train_text_encoder" if config.dreambooth.train_text_encoder else None

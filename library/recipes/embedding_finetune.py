@@ -99,6 +99,10 @@ class EmbeddingFinetuneRecipe(Recipe):
         spelled = "; ".join(f"{word!r} → " + " ".join(f"{t} (#{i})" for t, i in tokens) for word, tokens in resolved)
         return [f"embedding fine-tuning: {rows} row(s) x {width} = {rows * width:,} trained values: {spelled}"]
 
+    def trained_parts(self, config: EmbeddingFinetuneRunConfig) -> frozenset[str]:
+        # the trained rows start from the token embeddings: read exact, then cast with the frozen rest
+        return frozenset({"token_embeddings"})
+
     def text_encoder_trained_by(self, config: EmbeddingFinetuneRunConfig) -> str | None:
         return None  # the encoder's weights never change; caching is refused by the config's own rule
 

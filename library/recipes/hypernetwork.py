@@ -153,6 +153,9 @@ class HypernetworkRecipe(Recipe):
         lines = [f"hypernetwork: {spec.describe()}; widths {', '.join(map(str, sizes))}; {values:,} trained values"]
         return lines + [f"note: {note}" for note in spec.comfy_notes()]
 
+    def trained_parts(self, config: HypernetworkRunConfig) -> frozenset[str]:
+        return frozenset()  # the base model is frozen: the hypernetwork's own modules train (always fp32)
+
     def text_encoder_trained_by(self, config: HypernetworkRunConfig) -> str | None:
         return None  # the text encoder is frozen and no gradient reaches it: its outputs may be cached
 

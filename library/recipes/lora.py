@@ -154,6 +154,9 @@ class LoraRecipe(Recipe):
         problem = model_factor_problem(skeleton, factor, groups, conv)
         return [problem] if problem else []
 
+    def trained_parts(self, config: LoraRunConfig) -> frozenset[str]:
+        return frozenset()  # the base model is frozen: only the network's own weights train (always fp32)
+
     def text_encoder_trained_by(self, config: LoraRunConfig) -> str | None:
         return "network.train_text_encoder" if config.network.train_text_encoder else None
 

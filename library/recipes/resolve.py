@@ -19,6 +19,7 @@ from library.data.folders import (DatasetScan, Subset, balance_reg_items, collec
                                   reg_balance_message)
 from library.data.latent_cache import default_cache_dir
 from library.data.masks import MaskSpec, mask_specs
+from library.models.dtypes import PartDtypes
 from library.recipes.base import Recipe
 from library.training.device import SAVE_DTYPES, WEIGHT_DTYPES, resolve_device
 from library.training.plan import FolderCount, make_plan
@@ -234,6 +235,13 @@ def folder_counts(ds: DatasetSection, scan: DatasetScan, extra: int) -> tuple[Fo
     return tuple(counts)
 
 
+def part_dtypes(config: RunConfig, recipe: Recipe) -> PartDtypes:
+    """The dtype each part of the base model loads and stays in: frozen weights in train.mixed_precision's
+    compute dtype, what the recipe trains (and the VAE of a saved whole model) in fp32."""
+    full_precision = recipe.trained_parts(config) | ({"vae"} if recipe.saves_base_model else set())
+    return PartDtypes.for_run(WEIGHT_DTYPES[config.train.mixed_precision], full_precision)
+
+
 def resolve(config: RunConfig, recipe: Recipe) -> ResolvedRun:
     """Scan, plan and resolve a valid config. DatasetError or ValueError (one line each) for what only the
     dataset shows."""
@@ -265,6 +273,7 @@ def resolve(config: RunConfig, recipe: Recipe) -> ResolvedRun:
         latent_draw=recipe.latent_draw(config, cached=ds.cache_latents != "off"), cache_dir=cache_dir,
         warmup_steps=resolve_warmup_steps(change.plan.total_steps, opt.warmup_steps, opt.warmup_ratio),
         lr_schedule=change.lr_schedule, device=resolve_device(train.device),
-        weight_dtype=WEIGHT_DTYPES[train.mixed_precision], save_dtype=SAVE_DTYPES[config.save.precision],
+        weight_dtype=WEIGHT_DTYPES[train.mixed_precision], part_dtypes=part_dtypes(config, recipe),
+        save_dtype=SAVE_DTYPES[config.save.precision],
         cache_text_encoder_outputs=ds.cache_text_encoder_outputs, notes=notes, buckets=buckets, masks=masks,
         trained_dtype=trained_dtype(train.full_bf16, train.full_fp16), lr_settings=tuple(recipe.lr_settings(config)))

@@ -130,22 +130,26 @@ def print_summary(run: "ResolvedRun", suggest_steps: int | None = None) -> None:
 
 
 class ModelLoader:
-    """Loads the config's base model once, when first asked (DreamBooth's class images, then training), with
-    the same one-line error in every script when it cannot be loaded."""
+    """Loads the config's base model once, when first asked (DreamBooth's class images, then training), each
+    part straight into the dtype the run keeps it in, with the same one-line error in every script when it
+    cannot be loaded."""
 
-    def __init__(self, config: "RunConfig"):
+    def __init__(self, config: "RunConfig", recipe: "Recipe"):
         self.config = config
+        self.recipe = recipe
         self.parts: "ModelParts | None" = None
 
     def __call__(self) -> "ModelParts":
         from library.models.loading import load_model
         from library.models.paths import ModelLoadError
+        from library.recipes.resolve import part_dtypes
 
         if self.parts is None:
             model = self.config.model
             v_param = None if model.v_parameterization == "auto" else model.v_parameterization
             try:
-                self.parts = load_model(model.path, v_param, model.config_dir or None)
+                self.parts = load_model(model.path, v_param, model.config_dir or None,
+                                        part_dtypes(self.config, self.recipe))
             except ModelLoadError as err:
                 fail(str(err))
         return self.parts
@@ -175,7 +179,7 @@ def prepare(recipe: "Recipe", args: argparse.Namespace) -> tuple["ResolvedRun", 
     print(header.line())
     for line in recipe.model_lines(config, header):
         print(line)
-    load = ModelLoader(config)
+    load = ModelLoader(config, recipe)
     recipe.before_scan(config, args.check, load)
     try:
         run = resolve(config, recipe)

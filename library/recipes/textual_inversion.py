@@ -173,6 +173,10 @@ class TextualInversionRecipe(Recipe):
         problem = embedding_problem(config.embedding.resume, embedding.vectors.shape[1], header)
         return [f"embedding.resume: {problem}"] if problem else []
 
+    def trained_parts(self, config: TIRunConfig) -> frozenset[str]:
+        # the new vectors start from rows of the token embeddings: read exact, then cast with the frozen rest
+        return frozenset({"token_embeddings"})
+
     def text_encoder_trained_by(self, config: TIRunConfig) -> str | None:
         return None  # the encoder's weights never change; caching is refused by the config's own rule
 

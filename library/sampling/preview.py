@@ -175,6 +175,8 @@ class SamplingHooks(TrainerHooks):
     """Preview images during training, per the config's [sample] section, written to
     <save.output_dir>/samples/ and to TensorBoard (tag samples/NN, at the step)."""
 
+    needs_vae = True
+
     def __init__(self, config, parts: ModelParts, specs: list[SampleSpec]):
         self.section = config.sample
         self.parts = parts

@@ -19,6 +19,8 @@ class FullModelTrainable:
     `stop_text_encoder_at` (0: never stops). Saved with `save_model`: `artifact_suffix` ".safetensors" writes a
     single file, "" a diffusers folder."""
 
+    saves_base_model = True
+
     def __init__(self, parts: ModelParts, unet_lr: float, text_encoder_lr: float | None, stop_text_encoder_at: int,
                  artifact_suffix: str, save_dtype: torch.dtype):
         self.parts = parts

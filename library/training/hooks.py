@@ -15,6 +15,8 @@ if TYPE_CHECKING:
 class TrainerHooks:
     """The base class does nothing; override the events you need."""
 
+    needs_vae = False  # True for hooks that decode with the VAE (previews): it then stays after latents are cached
+
     def after_step(self, trainer: "Trainer", loop: "LoopParts", loss: float, lrs: dict[str, float],
                    batch: Batch) -> None:
         """After each optimizer step (trainer.progress already counts it). `lrs`: the rates that step used;
@@ -43,6 +45,7 @@ class CombinedHooks(TrainerHooks):
 
     def __init__(self, *hooks: TrainerHooks | None):
         self.hooks = [hook for hook in hooks if hook is not None]
+        self.needs_vae = any(hook.needs_vae for hook in self.hooks)
 
     def after_step(self, trainer, loop, loss, lrs, batch) -> None:
         for hook in self.hooks:

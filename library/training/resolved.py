@@ -13,6 +13,7 @@ from library.data.batches import TrainingData
 from library.data.buckets import BucketAssignment
 from library.data.folders import DatasetScan
 from library.data.masks import MaskSpec
+from library.models.dtypes import PartDtypes
 from library.training.plan import TrainingPlan
 
 
@@ -31,6 +32,9 @@ class ResolvedRun:
     weight_dtype: torch.dtype  # compute dtype of the frozen weights (train.mixed_precision)
     save_dtype: torch.dtype  # save.precision
     cache_text_encoder_outputs: bool
+    # what each part of the base model loads and stays in (the VAE's also decides the latent-encode precision);
+    # fp32 everywhere unless given (recipes/resolve.py part_dtypes)
+    part_dtypes: PartDtypes = field(default_factory=PartDtypes)
     notes: list[str] = field(default_factory=list)  # lines for the dataset summary
     buckets: BucketAssignment | None = None  # the aspect-ratio buckets, when dataset.enable_buckets
     lr_settings: tuple[str, ...] = ()  # the learning-rate keys in effect, "key = value" (Recipe.lr_settings)

@@ -16,6 +16,7 @@ class Trainable(Protocol):
 
     artifact_suffix: str
     trains_text_encoder: bool
+    saves_base_model: bool  # the artifact is the whole model, VAE included (DreamBooth)
 
     def param_groups(self) -> list[dict]:
         """[{"params": [...], "lr": float, "name": "unet"}, ...]"""

@@ -17,29 +17,24 @@ from accelerate.state import AcceleratorState, GradientState
 from library.data.batches import Batch, hash_ints
 from library.data.masks import MaskSource
 from library.data.sources import ConditioningSource, LatentSource
-from library.models.attention import select_attention
 from library.models.parts import ModelParts
-from library.errors import UserError
 from library.faults import fault_point
 from library.training.checkpoints import Progress, load_state, save_state, state_dir_for
 from library.training.divergence import NanGuard
 from library.training.hooks import TrainerHooks
 from library.training.interrupts import StopRequests
 from library.training.logs import RunLog, run_folder, tensorboard_command
+from library.training.model_setup import (TrainingSetupError, check_clip_skip, optimizer_line, place_models,
+                                          release_vae)
 from library.training.ema import EMA, save_artifact
 from library.training.objective import Objective
 from library.training.precision import FusedBackward, allow_fp16_unscale
-from library.registry import canonical_optimizer_name
 from library.training.optimizers import build_optimizer, uses_relative_step
 from library.training.resolved import ResolvedRun
 from library.training.run_summary import summary_path, write_run_summary
 from library.training.saving import RunSaver, SaveFailed
 from library.training.schedules import A1111Schedule, a1111_lambda_scheduler, build_scheduler, current_lrs
 from library.training.trainable import StartPoint, Trainable
-
-
-class TrainingSetupError(UserError):
-    """The loaded model or the state to resume from does not fit the run."""
 
 
 @dataclass
@@ -78,29 +73,6 @@ class Trainer:
         self.nan_guard = NanGuard(train.nan_policy, train.nan_skip_limit, run.lr_settings, train.mixed_precision)
 
     # ---------------------------------------------------------------- set-up
-    def _place_models(self, device: torch.device) -> None:
-        """Frozen weights in the compute dtype; trainable ones stay fp32 so small updates are not lost (unless
-        train.full_bf16 / full_fp16 keep them in half precision). Trainable weights are never cast down first: a
-        full fine-tune (DreamBooth) trains the models' own weights."""
-        parts, train = self.parts, self.config.train
-        trainable = [param for group in self.trainable.param_groups() for param in group["params"]]
-        keep = {id(param) for param in trainable}
-        for module in (parts.unet, *parts.text_encoders):
-            torch.nn.Module.to(module, device)
-            for param in module.parameters():
-                if id(param) not in keep:
-                    param.data = param.data.to(self.run.weight_dtype)
-        parts.vae.to(device, torch.float32)  # fp16 VAE encodes can overflow; it runs once per image when cached
-        for param in trainable:  # tensors outside the models too
-            param.data = param.data.to(device=device, dtype=self.run.trained_dtype)
-        print(select_attention([parts.unet], train.attention, device))
-        if train.gradient_checkpointing:
-            parts.unet.enable_gradient_checkpointing()
-            if self.trainable.trains_text_encoder:
-                for encoder in parts.text_encoders:  # transformers 5 renamed the method; 4.x keeps the old one
-                    getattr(encoder, "activation_checkpointing_enable", encoder.gradient_checkpointing_enable)()
-        parts.vae.requires_grad_(False)
-
     def _schedule(self, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler:
         opt, total, start = self.config.optimizer, self.plan.total_steps, self.progress.global_step
         if self.run.lr_schedule is not None:
@@ -113,25 +85,6 @@ class Trainer:
                 scheduler.step()
         return scheduler
 
-    def _optimizer_line(self) -> str:
-        """What the run optimizes with, as it starts: optimizer and its args, schedule, rate per group."""
-        opt = self.config.optimizer
-        args = ", ".join(f"{key}={value}" for key, value in opt.args.items())
-        name = f"{canonical_optimizer_name(opt.name)}({args})" if args else canonical_optimizer_name(opt.name)
-        if self.run.lr_schedule is not None:
-            schedule = f"A1111 schedule {self.run.lr_schedule!r}"
-        elif uses_relative_step(opt.name, opt.args):
-            schedule = "Adafactor's own (relative_step: it computes each step's rate)"
-        else:
-            warmup = f" with {self.run.warmup_steps} warmup steps" if self.run.warmup_steps else ""
-            schedule = f"{opt.scheduler}{warmup} over {self.plan.total_steps} steps"
-        rates = ", ".join(f"{group['name']} {group['lr']:g}" for group in self.trainable.param_groups())
-        if uses_relative_step(opt.name, opt.args):
-            rates = "computed by Adafactor (logged as lr/<group>)"
-        elif canonical_optimizer_name(opt.name) in ("DAdaptAdam", "Prodigy"):
-            rates += " (multipliers of the step size the optimizer finds)"
-        return f"optimizer: {name}; lr schedule: {schedule}; learning rates: {rates}"
-
     def _setup(self) -> LoopParts:
         train = self.config.train
         # accelerate keeps process-wide state; a second run in one process (tests, notebooks) may change
@@ -139,7 +92,7 @@ class Trainer:
         AcceleratorState._reset_state(reset_partial_state=True)
         GradientState._reset_state()
         accelerator = Accelerator(mixed_precision=train.mixed_precision, cpu=self.run.device.type == "cpu")
-        self._place_models(accelerator.device)
+        place_models(self.run, self.parts, self.trainable, accelerator.device)
         opt = self.config.optimizer
         optimizer = build_optimizer(opt.name, self.trainable.param_groups(), opt.lr, opt.args)
         if self.start is not None and self.start.optimizer_state is not None:
@@ -148,7 +101,7 @@ class Trainer:
             for group, name in zip(optimizer.param_groups, names):
                 group["name"] = name  # a state written by another tool (A1111) has no group names
         scheduler = self._schedule(optimizer)
-        print(self._optimizer_line())
+        print(optimizer_line(self.run, self.trainable))
         fused = FusedBackward(optimizer, opt.max_grad_norm) if opt.fused_backward_pass else None
         optimizer = accelerator.prepare(optimizer)
         if train.full_fp16 and accelerator.scaler is not None:
@@ -279,15 +232,8 @@ class Trainer:
             self._say(f"could not write the run summary {err.filename}: {err.strerror or err}")
 
     # ---------------------------------------------------------------- the loop
-    def _check_clip_skip(self) -> None:
-        clip_skip = self.config.model.clip_skip
-        for encoder in self.parts.text_encoders:
-            layers = getattr(encoder.config, "num_hidden_layers", None)
-            if layers is not None and clip_skip > layers:
-                raise TrainingSetupError(f"model.clip_skip = {clip_skip} but the text encoder has {layers} layers")
-
     def train(self) -> Path:
-        self._check_clip_skip()
+        check_clip_skip(self.config.model.clip_skip, self.parts)
         loop = self._setup()
         self.saver = RunSaver(self.config.save, self.trainable.artifact_suffix, self.stops,
                               partial(self._write_files, loop), self._say, self.run.command)
@@ -304,6 +250,7 @@ class Trainer:
         except KeyboardInterrupt:
             print("\ninterrupted while caching latents, before any training step: nothing to save")
             raise SystemExit(130) from None
+        release_vae(self.run, self.parts, self.trainable, keep=self.hooks.needs_vae)
         self.trainable.set_train(True)
         log = self.log = self._open_log()
         self._summary("running", log)

@@ -160,6 +160,28 @@ def test_vae_identity_follows_the_encoder_only():
     assert vae_identity(vae) != base
 
 
+def test_the_encode_precision_is_part_of_the_key_and_fp32_keys_are_unchanged(tmp_path):
+    import hashlib
+    import json
+
+    from library.data.latent_cache import CACHE_FORMAT
+
+    bf16_vae = torch.nn.Module.to(build_builtin("tiny-sd15").vae, torch.bfloat16)
+    fp32_vae = torch.nn.Module.to(build_builtin("tiny-sd15").vae, torch.bfloat16).float()  # bf16-exact weights
+    entry = LatentEntry(tmp_path / "x.png", 64, 64)
+    fp32, bf16 = DiskLatentCache(tmp_path, fp32_vae), DiskLatentCache(tmp_path, bf16_vae)
+    assert bf16.vae_id == fp32.vae_id  # the same VAE: only the precision it encodes in tells the entries apart
+    assert bf16.file_for("abc", entry) != fp32.file_for("abc", entry)
+    # fp32 entries keep the address they had before precision was part of the key (existing caches stay valid)
+    fields = {"format": CACHE_FORMAT, "image_sha256": "abc", "width": "64", "height": "64", "crop": "center",
+              "flip": "0", "vae": fp32.vae_id}
+    key = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:40]
+    assert fp32.file_for("abc", entry).name == f"{key}.safetensors"
+    bf16.write(bf16.file_for("abc", entry), "abc", entry, torch.zeros(4, 8, 8), torch.ones(4, 8, 8))
+    with pytest.raises(ValueError, match=r"other settings \(encode_dtype\)"):
+        fp32.check(bf16.file_for("abc", entry), "abc", entry)
+
+
 def test_interrupted_prepare_continues_where_it_stopped(tmp_path, vae_calls, monkeypatch, capsys):
     path = bucket_config(tmp_path)
     original = DiskLatentCache.write

@@ -94,7 +94,7 @@ def test_builtin_pipeline_makes_an_image_offline(name):
 
 
 def test_load_model_casts_to_requested_dtype_and_prints_one_line(capsys):
-    parts = load_model("builtin:tiny-sd15", dtype=torch.bfloat16)
+    parts = load_model("builtin:tiny-sd15", dtypes=torch.bfloat16)
     assert {p.dtype for m in (parts.unet, parts.vae, parts.text_encoder) for p in m.parameters()} == {torch.bfloat16}
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 1

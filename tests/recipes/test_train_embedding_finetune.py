@@ -80,7 +80,8 @@ def test_only_the_chosen_rows_change_and_the_file_merges_to_the_saved_model(tmp_
     assert run(config_text(tmp_path), "embedding_finetune.full_model=single_file",
                "embedding_finetune.full_model_precision=fp32") == 0
     after = {k: v for module in parts.networks() for k, v in module.state_dict().items()}
-    assert [k for k, v in before.items() if not torch.equal(v, after[k])] == []  # the hook trains; the model stays
+    # the hook trains; the model stays (the VAE, freed once latents are cached, is left out)
+    assert [k for k, v in before.items() if not after[k].is_meta and not torch.equal(v, after[k])] == []
 
     weights, metadata = read_network_file(tmp_path / "out" / "rows.safetensors")
     assert weights["token_ids"].tolist() == [KILN, POT] and weights["rows"].shape == (2, 32)
