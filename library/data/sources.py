@@ -23,10 +23,14 @@ LATENT_DRAWS = ("once", "deterministic", "random", "step")
 
 
 @torch.no_grad()
-def encode_latents(vae, pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """VAE-encode a [B, 3, H, W] batch and sample scaled latents (fp32 on the CPU)."""
+def encode_latents(vae, pixels: torch.Tensor, generator: torch.Generator, first: int = 0,
+                   whole: int | None = None) -> torch.Tensor:
+    """VAE-encode a [B, 3, H, W] batch and sample scaled latents (fp32 on the CPU). `first`/`whole`: the pixels
+    are rows first.. of a batch of `whole` (one process's share of it): the noise is drawn for the whole batch
+    and cut to them, so they get what they get in one process."""
     mean, std = encode_distribution(vae, pixels)
-    noise = torch.randn(mean.shape, generator=generator)
+    shape = mean.shape if whole is None else (whole, *mean.shape[1:])
+    noise = torch.randn(shape, generator=generator)[first:first + mean.shape[0]]
     return ((mean + std * noise) * vae.config.scaling_factor).float()
 
 
@@ -99,8 +103,11 @@ class LatentSource:
     def _mean(self, mean: torch.Tensor) -> torch.Tensor:
         return (mean * self.vae.config.scaling_factor).float()
 
-    def latents(self, batch: Batch, epoch: int, step_seed: int) -> torch.Tensor:
-        """The batch's latents [B, C, h, w] (fp32, CPU) for the step seeded with `step_seed`."""
+    def latents(self, batch: Batch, epoch: int, step_seed: int, first: int = 0,
+                whole: int | None = None) -> torch.Tensor:
+        """The batch's latents [B, C, h, w] (fp32, CPU) for the step seeded with `step_seed`. `first`/`whole`:
+        the batch is rows first.. of a batch of `whole` (a data-parallel process's share): every draw is the one
+        those rows get in the whole batch."""
         keys = list(zip(batch.item_indices, batch.flips))
         if self.mode == "memory" and self.draw in ("once", "deterministic"):
             return torch.stack([self.memory[k] for k in keys])
@@ -108,16 +115,16 @@ class LatentSource:
             rng = derived_rng(step_seed, 4)
             pixels = torch.stack([self.data.pixels(i, f, rng) for i, f in keys])
             if self.draw == "step":
-                return encode_latents(self.vae, pixels, torch.Generator().manual_seed(step_seed))
+                return encode_latents(self.vae, pixels, torch.Generator().manual_seed(step_seed), first, whole)
             mean, std = encode_distribution(self.vae, pixels)
             distributions = list(zip(mean, std))
         elif self.mode == "memory":
             distributions = [self.memory[k] for k in keys]
         else:
             distributions = [self.distribution(k) for k in keys]
-        return self._drawn(keys, distributions, step_seed)
+        return self._drawn(keys, distributions, step_seed, first)
 
-    def _drawn(self, keys: list[LatentKey], distributions: list, step_seed: int) -> torch.Tensor:
+    def _drawn(self, keys: list[LatentKey], distributions: list, step_seed: int, first: int = 0) -> torch.Tensor:
         scale = self.vae.config.scaling_factor
         drawn = []
         for position, (key, (mean, std)) in enumerate(zip(keys, distributions)):
@@ -126,7 +133,7 @@ class LatentSource:
             elif self.draw == "deterministic":
                 drawn.append(self._mean(mean))
             else:
-                drawn.append(sample_latent(mean, std, hash_ints(step_seed, position, 7), scale))
+                drawn.append(sample_latent(mean, std, hash_ints(step_seed, first + position, 7), scale))
         return torch.stack(drawn)
 
 

@@ -28,6 +28,8 @@ class A1111Log(TrainerHooks):
     images/<name>-<step>.png, image_embeddings/<name>-<step>.png and textual_inversion_loss.csv. <step> is
     the number of optimizer steps done."""
 
+    writes_outputs = True  # data-parallel: the main process alone writes them
+
     def __init__(self, config, trainable: EmbeddingTrainable, plan: TrainingPlan):
         self.config = config
         self.trainable = trainable

@@ -175,6 +175,8 @@ class SamplingHooks(TrainerHooks):
     """Preview images during training, per the config's [sample] section, written to
     <save.output_dir>/samples/ and to TensorBoard (tag samples/NN, at the step)."""
 
+    writes_outputs = True  # data-parallel: the main process alone writes them
+
     def __init__(self, config, parts: ModelParts, specs: list[SampleSpec]):
         self.section = config.sample
         self.parts = parts

@@ -67,15 +67,19 @@ class RunLog:
     """Progress bar + TensorBoard writer for one run. `folder`: its TensorBoard folder (see run_folder); when it
     already holds the run's events (a resume), steps after `initial_step` written there before are dropped."""
 
-    def __init__(self, folder: Path, total_steps: int, initial_step: int = 0, config_text: str = ""):
+    def __init__(self, folder: Path, total_steps: int, initial_step: int = 0, config_text: str = "",
+                 quiet: bool = False):
+        """quiet: no bar, lines or TensorBoard files (a data-parallel process other than the main one)."""
         self.dir = Path(folder)
+        self.quiet = quiet
         self.initial_step = initial_step
         self.config_text = config_text
         self.resumed = self.dir.is_dir() and initial_step > 0
         self._writer = None
         self.average = MovingAverage()
         self.last_loss: float | None = None
-        self.bar = tqdm(total=total_steps, initial=initial_step, desc="training", unit="step", dynamic_ncols=True)
+        self.bar = tqdm(total=total_steps, initial=initial_step, desc="training", unit="step", dynamic_ncols=True,
+                        disable=quiet)
 
     @property
     def writer(self):
@@ -95,6 +99,8 @@ class RunLog:
     def step(self, step: int, loss: float, lrs: dict[str, float], epoch: int) -> None:
         self.last_loss = loss
         average = self.average.add(loss)
+        if self.quiet:
+            return
         self.writer.add_scalar("loss/current", loss, step)
         self.writer.add_scalar("loss/average", average, step)
         for name, lr in lrs.items():
@@ -105,10 +111,12 @@ class RunLog:
         self.bar.update(1)
 
     def epoch_end(self, epoch: int, mean_loss: float) -> None:
-        self.writer.add_scalar("loss/epoch", mean_loss, epoch + 1)
+        if not self.quiet:
+            self.writer.add_scalar("loss/epoch", mean_loss, epoch + 1)
 
     def write(self, message: str) -> None:
-        self.bar.write(message)
+        if not self.quiet:
+            self.bar.write(message)
 
     def close(self) -> None:
         self.bar.close()
