@@ -182,10 +182,6 @@ def prepare(recipe: "Recipe", args: argparse.Namespace) -> tuple["ResolvedRun", 
     if not args.check:
         _join_processes(config)
     recipe.before_scan(config, args.check, load)
-    if not args.check and launch_info().processes > 1:  # DreamBooth's class images: each process wrote its share
-        from library.training.distributed import current_processes
-
-        current_processes().barrier()
     try:
         run = resolve(config, recipe)
     except (DatasetError, ValueError) as err:

@@ -12,6 +12,9 @@ from dataclasses import dataclass
 # the variables accelerate reads (accelerate.utils.get_cpu_distributed_information): torchrun's, then MPI's
 _SIZE = ("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "MV2_COMM_WORLD_SIZE")
 _RANK = ("RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "MV2_COMM_WORLD_RANK")
+# what accelerate launch sets for the accelerate configs that shard the model instead of copying it
+_SHARDED = (("ACCELERATE_USE_DEEPSPEED", "DeepSpeed"), ("ACCELERATE_USE_FSDP", "FSDP"),
+            ("ACCELERATE_USE_MEGATRON_LM", "Megatron-LM"))
 _LOCAL_RANK = ("LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "MV2_COMM_WORLD_LOCAL_RANK")
 
 
@@ -47,15 +50,18 @@ def launch_problems(batch_size: int, device: str, env: Mapping[str, str] | None 
     """What keeps the processes the launcher started (or meant to start) from training together."""
     env = os.environ if env is None else env
     launch = launch_info(env)
+    problems = [f"the accelerate config selects {name}, which Kiln does not use: it trains data-parallel, a whole "
+                "copy of the model in every process; choose multi-GPU in `accelerate config` (or launch with "
+                "--multi_gpu)" for flag, name in _SHARDED if env.get(flag, "").lower() == "true"]
     if launch.processes == 1:
         # `accelerate launch --cpu --num_processes N` starts ONE process unless mpirun starts the others; it
         # leaves MASTER_ADDR set for them
         if env.get("ACCELERATE_USE_CPU", "").lower() in ("true", "1") and env.get("MASTER_ADDR"):
-            return ["accelerate launch --cpu started one process (it starts several on the CPU only through mpirun, "
-                    "--mpirun_hostfile): for N processes on this machine's CPU use `accelerate launch --multi_gpu "
-                    "--num_processes N <script> ... train.device=cpu` (torchrun, gloo), or drop --num_processes"]
-        return []
-    problems = []
+            problems.append("accelerate launch --cpu started one process (it starts several on the CPU only through "
+                            "mpirun, --mpirun_hostfile): for N processes on this machine's CPU use `accelerate launch "
+                            "--multi_gpu --num_processes N <script> ... train.device=cpu` (torchrun, gloo), or drop "
+                            "--num_processes")
+        return problems
     if batch_size % launch.processes:
         problems.append(f"train.batch_size = {batch_size} cannot be split evenly across {launch.processes} processes: "
                         f"it is the global batch (all processes together), so set a multiple of {launch.processes}, "

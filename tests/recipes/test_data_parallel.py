@@ -1,6 +1,7 @@
 """Data-parallel training on 2 CPU processes (gloo), as `accelerate launch` runs it: the result equals a
 1-process run with the same global batch, only the main process writes and prints, a stop request on any process
 stops all of them after the same step, and the state they save resumes exactly on 2 processes."""
+import importlib
 import json
 import os
 import shutil
@@ -9,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -73,13 +75,13 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def run_two(tmp: Path, argv: list[str], rank_env: dict[int, dict[str, str]] | None = None) -> list:
-    """train_lora's main on 2 forked processes, with the environment torchrun (accelerate launch) gives them."""
+def run_two(tmp: Path, argv: list[str], rank_env: dict[int, dict[str, str]] | None = None, main=train_lora.main) -> list:
+    """A script's main on 2 forked processes, with the environment torchrun (accelerate launch) gives them."""
     port, started = free_port(), []
     for rank in range(2):
         env = {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2",
                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), **(rank_env or {}).get(rank, {})}
-        started.append(start_child(train_lora.main, argv, env, tmp / f"rank{rank}-{len(list(tmp.glob('rank*')))}.log"))
+        started.append(start_child(main, argv, env, tmp / f"rank{rank}-{len(list(tmp.glob('rank*')))}.log"))
     return [wait_child(pid, log) for pid, log in started]
 
 
@@ -112,21 +114,25 @@ def test_two_processes_train_what_one_process_trains_with_the_same_global_batch(
 
 
 RESUMABLE = CONFIG.replace('name = "SGDNesterov"\nlr = 0.5', "lr = 2e-3").replace(
-    "epochs = 2", "max_steps = 4").replace('cache_latents = "off"', 'cache_latents = "memory"')
+    "epochs = 2", 'max_steps = 4\nnan_policy = "skip"').replace('cache_latents = "off"', 'cache_latents = "memory"')
 
 
 def test_a_stop_on_any_process_stops_all_after_the_same_step_and_the_state_resumes_exactly(tmp_path):
     whole = write_config(tmp_path, "whole", RESUMABLE)
-    assert [r.code for r in run_two(tmp_path, [str(whole)])] == [0, 0]
+    # the first batch's loss is NaN on process 1 only: both must skip it (train.nan_policy = "skip")
+    finished = run_two(tmp_path, [str(whole)], {1: {"KILN_FAULTS": "loss:1=nan"}})
+    assert [r.code for r in finished] == [0, 0], [r.output[-2000:] for r in finished]
+    assert "step 1: the loss is NaN/inf, batch skipped" in finished[0].output
 
     cut = write_config(tmp_path, "cut", RESUMABLE)
-    stopped = run_two(tmp_path, [str(cut)], {1: {"KILN_FAULTS": "step:2=sigterm"}})  # SIGTERM to process 1 only
+    stopped = run_two(tmp_path, [str(cut)], {1: {"KILN_FAULTS": "loss:1=nan,step:2=sigterm"}})  # to process 1 only
     assert stopped[0].code == 130 and stopped[1].code == 143, [r.output[-2000:] for r in stopped]
     assert "stopped at step 2 of 4" in stopped[0].output and "continue with" in stopped[0].output
     assert stopped[1].output.strip() == "", stopped[1].output  # quiet: its stop is reported by the main process
     state = tmp_path / "cut" / "out" / "t-step00000002-state"
     progress = json.loads((state / "progress.json").read_text())
     assert progress["global_step"] == 2 and progress["processes"] == 2
+    assert progress["nan_skipped"] == 1  # counted by the main process, whose own loss was finite
     summary = json.loads((tmp_path / "cut" / "out" / "t.run.json").read_text())
     assert summary["status"] == "interrupted"
     assert "accelerate launch --multi_gpu --num_processes 2" in summary["resume_command"]
@@ -135,3 +141,83 @@ def test_a_stop_on_any_process_stops_all_after_the_same_step_and_the_state_resum
     assert [r.code for r in resumed] == [0, 0], [r.output[-2000:] for r in resumed]
     expected = load_file(str(tmp_path / "whole" / "out" / "t.safetensors"))
     assert largest_difference(expected, load_file(str(tmp_path / "cut" / "out" / "t.safetensors"))) == 0.0
+
+
+TI = """[model]
+path = "builtin:tiny-sd15"
+[dataset]
+train_dir = "{train}"
+resolution = 64
+[embedding]
+name = "kilnpot"
+init_text = "pot"
+vectors = 2
+template = "[name], [filewords]"
+learn_rate = "20"
+latent_sampling_method = "random"
+[optimizer]
+name = "SGDNesterov"
+[train]
+max_steps = 3
+batch_size = 2
+seed = 5
+[save]
+output_dir = "{out}"
+[logging]
+log_dir = "{logs}"
+[ti_log]
+write_csv_every = 1
+save_embedding_every = 0
+create_image_every = 0
+"""
+
+DREAMBOOTH = """[model]
+path = "builtin:tiny-sd15"
+[dataset]
+train_dir = "{train}"
+resolution = 64
+[dreambooth]
+train_text_encoder = true
+stop_text_encoder_training = 1
+class_dir = "{out}/../class/1_pot"
+class_prompt = "a pot"
+num_class_images = 2
+class_sampling_steps = 2
+[optimizer]
+name = "SGDNesterov"
+lr = 0.05
+[train]
+max_steps = 2
+batch_size = 2
+seed = 5
+[save]
+output_dir = "{out}"
+name = "t"
+precision = "fp32"
+[logging]
+log_dir = "{logs}"
+"""
+
+
+def _embedding(folder: Path) -> dict:
+    from library.networks.embeddings import load_embedding
+
+    return {"vectors": load_embedding(folder / "kilnpot.pt").vectors}
+
+
+@pytest.mark.parametrize("script, body, result", [
+    ("train_textual_inversion", TI, _embedding),
+    ("train_dreambooth", DREAMBOOTH, lambda folder: load_file(str(folder / "t.safetensors"))),
+], ids=["textual inversion", "dreambooth"])
+def test_textual_inversion_and_dreambooth_train_the_same_on_two_processes(tmp_path, script, body, result):
+    main = importlib.import_module(script).main
+    assert main([str(write_config(tmp_path, "one", body))]) == 0
+    two = run_two(tmp_path, [str(write_config(tmp_path, "two", body))], main=main)
+    assert [r.code for r in two] == [0, 0], [r.output[-2000:] for r in two]
+    reference, shared = result(tmp_path / "one" / "out"), result(tmp_path / "two" / "out")
+    assert largest_difference(reference, shared) < 1e-5
+    if script == "train_dreambooth":  # each process generated one of the two class images
+        assert len(list((tmp_path / "two" / "class" / "1_pot").glob("*.png"))) == 2
+    else:  # the A1111 log is written once: a row per step, not one per process
+        (csv_file,) = (tmp_path / "two" / "logs").rglob("textual_inversion_loss.csv")
+        assert len(csv_file.read_text().strip().splitlines()) == 1 + 3
