@@ -69,8 +69,12 @@ class LatentSource:
         width, height = self.data.size_of(key[0])
         return LatentEntry(self.data.items[key[0]].path, width, height, key[1])
 
-    def fill(self) -> None:
-        """Encode (memory) or find and complete (disk) every latent the epochs can ask for, once."""
+    def fill(self, part: tuple[int, int] | None = None) -> None:
+        """Encode (memory) or find and complete (disk) every latent the epochs can ask for, once. `part`
+        (index, count): complete only every count-th entry of the disk cache from index — the processes of a
+        data-parallel run share its encoding, then each fills the whole, finding the others' files."""
+        if part is not None and self.mode != "disk":
+            raise ValueError("LatentSource.fill(part=...) shares the work of a disk cache only")
         if self.mode == "off":
             return
         keys = self.keys()
@@ -80,6 +84,10 @@ class LatentSource:
                 self.memory[keys[k]] = self._kept(keys[k], mean, std)
             return
         self.disk = DiskLatentCache(self.cache_dir, self.vae)
+        if part is not None:
+            report, _ = self.disk.ensure(entries[part[0]::part[1]], self.vae_batch_size)
+            print(f"{report.summary(self.cache_dir)}: this process's part, 1/{part[1]} of the entries")
+            return
         report, digests = self.disk.ensure(entries, self.vae_batch_size)
         print(report.summary(self.cache_dir))
         self.files = {k: (path, digest, entry) for k, path, digest, entry in zip(keys, report.files, digests, entries)}

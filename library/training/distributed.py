@@ -120,16 +120,6 @@ class Processes:
         if self.count > 1:
             dist.barrier()
 
-    def main_then_others(self, work: Callable[[], Result]) -> Result:
-        """`work()` on the main process, then on the others (which find what it wrote, e.g. a latent cache)."""
-        if not self.is_main:
-            self.barrier()
-        try:
-            return work()
-        finally:
-            if self.is_main:
-                self.barrier()
-
     def main_only(self, work: Callable[[], Result]) -> Result | None:
         """`work()` on the main process while the others wait for it to end (a save); None on the others."""
         try:
@@ -159,6 +149,16 @@ def batch_noise(latents: torch.Tensor, generator: torch.Generator, offset: float
     whole = torch.empty((share.total, *latents.shape[1:]), dtype=latents.dtype)  # the shape the draws take
     noise = make_noise(whole, generator, offset)[share.rows].to(latents.device)
     return noise, sample_timesteps(share.total, scheduler, generator, latents.device)[share.rows]
+
+
+def fill_latents(latents, processes: Processes) -> None:
+    """Fill the run's latent cache (library/data/sources.py LatentSource). The processes share the encoding of a
+    disk cache — each its part, then each reads the whole — so none waits for another to encode all of it (a
+    wait longer than the process group's timeout would end the run). A memory cache is filled by each."""
+    if latents.mode == "disk" and processes.count > 1:
+        latents.fill(part=(processes.rank, processes.count))
+        processes.barrier()
+    latents.fill()
 
 
 def start_processes(requested_device: str) -> None:

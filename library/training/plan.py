@@ -53,8 +53,9 @@ class TrainingPlan:
             f"batches per epoch : {self.batches_per_epoch} (batch size {self.batch_size}; a batch never mixes sizes)",
         ]
         if self.processes > 1:
-            lines.append(f"data-parallel     : on {self.processes} processes, each {self.batch_size // self.processes} "
-                         f"of every batch of {self.batch_size} (train.batch_size is the global batch)")
+            lines.append(f"processes         : data-parallel on {self.processes} processes, each takes "
+                         f"{self.batch_size // self.processes} of every batch of {self.batch_size} (train.batch_size "
+                         "is the global batch)")
         if self.accumulation > 1:
             lines.append(
                 f"steps per epoch   : ceil({self.batches_per_epoch} / gradient accumulation {self.accumulation})"

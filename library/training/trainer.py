@@ -21,7 +21,7 @@ from library.errors import UserError
 from library.faults import fault_point
 from library.training.checkpoints import Progress, load_state, save_state, state_dir_for
 from library.training.device import use_device
-from library.training.distributed import Share, batch_noise, current_processes, resume_note
+from library.training.distributed import Share, batch_noise, current_processes, fill_latents, resume_note
 from library.training.divergence import NanGuard
 from library.training.hooks import TrainerHooks, hooks_for_process
 from library.training.interrupts import StopRequests
@@ -280,9 +280,8 @@ class Trainer:
         if self.progress.global_step >= self.plan.total_steps:
             print(f"the state is already at step {self.progress.global_step} of {self.plan.total_steps}: "
                   "nothing to train; raise train.max_steps / train.epochs to continue")
-        try:  # a disk cache is completed by the main process, then found by the others
-            fill = self.processes.main_then_others if self.run.latent_mode == "disk" else (lambda work: work())
-            fill(loop.latents.fill)
+        try:
+            fill_latents(loop.latents, self.processes)
         except KeyboardInterrupt:
             print("\ninterrupted while caching latents, before any training step: nothing to save")
             raise SystemExit(130) from None

@@ -68,7 +68,8 @@ def test_check_under_accelerate_launch_shows_the_per_process_batch_and_the_same_
     monkeypatch.setenv("RANK", "0")
     assert train_lora.main([str(path), "--check"]) == 0
     shared = capsys.readouterr().out
-    assert "data-parallel     : on 2 processes, each 2 of every batch of 4 (train.batch_size is the global batch)" in shared
+    assert ("processes         : data-parallel on 2 processes, each takes 2 of every batch of 4 "
+            "(train.batch_size is the global batch)") in shared
     assert "data-parallel" not in alone
     steps = [line for line in alone.splitlines() if line.strip().startswith(("batches per epoch", "total steps"))]
     assert steps and all(line in shared for line in steps)  # the step arithmetic does not change
