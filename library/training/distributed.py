@@ -22,7 +22,6 @@ import torch.distributed as dist
 from library.data.batches import hash_ints
 from library.training.device import resolve_device
 from library.training.launch import launch_info
-from library.training.loss import make_noise, sample_timesteps
 
 _BUCKET_ELEMENTS = 1 << 24  # gradients summed per all_reduce call: 64 MiB of fp32
 Result = TypeVar("Result")
@@ -137,18 +136,6 @@ def _buckets(grads: list[torch.Tensor]) -> list[list[torch.Tensor]]:
             groups.append([])
         groups[-1].append(grad)
     return [bucket for groups in buckets.values() for bucket in groups]
-
-
-def batch_noise(latents: torch.Tensor, generator: torch.Generator, offset: float, scheduler,
-                share: Share) -> tuple[torch.Tensor, torch.Tensor]:
-    """Noise and timesteps for this process's rows, drawn for the whole batch and cut to them: each row gets the
-    values it gets in a one-process run with the same batch."""
-    if share.whole:
-        noise = make_noise(latents, generator, offset)
-        return noise, sample_timesteps(latents.shape[0], scheduler, generator, latents.device)
-    whole = torch.empty((share.total, *latents.shape[1:]), dtype=latents.dtype)  # the shape the draws take
-    noise = make_noise(whole, generator, offset)[share.rows].to(latents.device)
-    return noise, sample_timesteps(share.total, scheduler, generator, latents.device)[share.rows]
 
 
 def fill_latents(latents, processes: Processes) -> None:

@@ -86,6 +86,7 @@ def quiet_unless_main(launch: Launch) -> None:
     import tqdm.std  # light; every bar (Kiln's, diffusers') is a tqdm.std.tqdm or a subclass of it
 
     sys.stdout = open(os.devnull, "w", encoding="utf-8")  # noqa: SIM115 - for the life of the process
-    # tqdm reads TQDM_DISABLE only when first imported, which may have happened already: its default instead
+    # tqdm reads its defaults (TQDM_DISABLE) when first imported, which may have happened already: change the
+    # default itself
     tqdm.std.tqdm.__init__ = partialmethod(tqdm.std.tqdm.__init__, disable=True)
     warnings.simplefilter("ignore")

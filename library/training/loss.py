@@ -1,9 +1,12 @@
-"""The denoising objective: noise, timesteps, targets (epsilon or v), min-SNR weighting, per-sample loss."""
+"""The denoising objective: noise, timesteps (for a batch, or a data-parallel process's rows of it), targets
+(epsilon or v), min-SNR weighting, per-sample loss."""
 from __future__ import annotations
 
 import torch
 from diffusers import DDPMScheduler
 from diffusers.training_utils import compute_snr
+
+from library.training.distributed import Share
 
 
 def make_noise(latents: torch.Tensor, generator: torch.Generator, offset: float = 0.0) -> torch.Tensor:
@@ -19,6 +22,18 @@ def sample_timesteps(batch: int, scheduler: DDPMScheduler, generator: torch.Gene
                      device: torch.device) -> torch.Tensor:
     steps = scheduler.config.num_train_timesteps
     return torch.randint(0, steps, (batch,), generator=generator).to(device)
+
+
+def batch_noise(latents: torch.Tensor, generator: torch.Generator, offset: float, scheduler,
+                share: Share) -> tuple[torch.Tensor, torch.Tensor]:
+    """Noise and timesteps for this process's rows, drawn for the whole batch and cut to them: each row gets the
+    values it gets in a one-process run with the same batch."""
+    if share.whole:
+        noise = make_noise(latents, generator, offset)
+        return noise, sample_timesteps(latents.shape[0], scheduler, generator, latents.device)
+    whole = torch.empty((share.total, *latents.shape[1:]), dtype=latents.dtype)  # the shape the draws take
+    noise = make_noise(whole, generator, offset)[share.rows].to(latents.device)
+    return noise, sample_timesteps(share.total, scheduler, generator, latents.device)[share.rows]
 
 
 def target_for(scheduler: DDPMScheduler, latents: torch.Tensor, noise: torch.Tensor,

@@ -21,12 +21,12 @@ from library.errors import UserError
 from library.faults import fault_point
 from library.training.checkpoints import Progress, load_state, save_state, state_dir_for
 from library.training.device import use_device
-from library.training.distributed import Share, batch_noise, current_processes, fill_latents, resume_note
+from library.training.distributed import Share, current_processes, fill_latents, resume_note
 from library.training.divergence import NanGuard
 from library.training.hooks import TrainerHooks, hooks_for_process
 from library.training.interrupts import StopRequests
 from library.training.logs import RunLog, run_folder, tensorboard_command
-from library.training.loss import min_snr_weights, per_sample_loss, pixel_weighted_loss, target_for
+from library.training.loss import batch_noise, min_snr_weights, per_sample_loss, pixel_weighted_loss, target_for
 from library.registry import canonical_optimizer_name
 from library.training.optimizers import build_optimizer, uses_relative_step
 from library.training.resolved import ResolvedRun

@@ -11,8 +11,9 @@ import torch
 from library.data.sources import encode_latents
 from library.models.builtin import build_builtin
 from library.training import distributed
-from library.training.distributed import Processes, Share, batch_noise
+from library.training.distributed import Processes, Share
 from library.training.hooks import CombinedHooks, TrainerHooks, hooks_for_process
+from library.training.loss import batch_noise
 from tests.faults.runner import start_child, wait_child
 
 
