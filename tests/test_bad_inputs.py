@@ -145,6 +145,8 @@ LORA_CASES = [
     ("xformers missing", lambda p: [config(p), "train.attention=xformers", "--check"], "train.attention"),
     ("fp16 on cpu", lambda p: [config(p), "train.mixed_precision=fp16", "train.device=cpu", "--check"], "fp16"),
     ("cuda missing", lambda p: [config(p), "train.device=cuda", "--check"], "no CUDA device"),
+    ("numbered cuda missing", lambda p: [config(p), "train.device=cuda:1", "--check"], "'cuda:1' but no CUDA device"),
+    ("device typo", lambda p: [config(p), "train.device=gpu", "--check"], "train.device = 'gpu' is not a device"),
     ("output dir is a file", lambda p: [config(p), f"save.output_dir={p / 'afile'}", "--check"], "save.output_dir"),
     ("earlier outputs", lambda p: [config(p)], "already holds output"),
     ("resume missing", lambda p: [config(p), "save.resume=nowhere-state", "--check"], "save.resume"),
@@ -332,6 +334,28 @@ def test_bad_input_is_one_error_line_and_exit_code_2(place, capsys, main, name, 
     assert code == 2, err
     assert "Traceback" not in err and "error:" in err, err
     assert text in err, err
+
+
+@pytest.mark.parametrize("env, args, text", [
+    ({"WORLD_SIZE": "2", "RANK": "0"}, ["train.batch_size=3"], "cannot be split evenly across 2 processes"),
+    ({"WORLD_SIZE": "2", "RANK": "0"}, ["train.device=cuda:0"], "names one GPU"),
+    ({"ACCELERATE_USE_CPU": "True", "MASTER_ADDR": "127.0.0.1"}, [], "accelerate launch --cpu started one process"),
+], ids=["batch not split evenly", "one GPU for several processes", "accelerate launch --cpu"])
+def test_bad_launch_is_one_error_line(place, capsys, monkeypatch, env, args, text):
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    code = exit_code(train_lora.main, [config(place), *args, "--check"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err and text in err, err
+
+
+def test_the_other_processes_of_a_launch_fail_silently(place, tmp_path):
+    """The main process says what is wrong; the others meet the same problem and exit without repeating it."""
+    from tests.faults.runner import run_child
+
+    result = run_child(train_lora.main, [config(place), "train.max_steps=0"], {"WORLD_SIZE": "2", "RANK": "1"},
+                       tmp_path / "rank1.log")
+    assert result.code == 2 and result.output == "", result.output
 
 
 @pytest.mark.parametrize("script, args", [("train_lora.py", ["nowhere.toml"]),

@@ -6,6 +6,7 @@ tokenizer run in the run step (library/recipes/checks.py). A trainer's own secti
 """
 from __future__ import annotations
 
+import re
 from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -189,10 +190,18 @@ class TrainSection(Section):
     full_fp16: bool = False
     max_token_length: Literal[75, 150, 225] = 75  # caption tokens the text encoder reads (sd-scripts' option)
     attention: Literal["auto", "sdpa", "xformers"] = "auto"
-    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    device: str = "auto"  # "auto", "cpu", "cuda", "cuda:N" (GPU number N) or "mps"
     num_threads: int = Field(0, ge=0)  # 0 = torch default
     nan_policy: Literal["stop", "skip"] = "stop"  # a NaN/inf loss stops the run, or skips its batch
     nan_skip_limit: int = Field(10, ge=1)  # with "skip": batches skipped before the run stops anyway
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, value: str) -> str:
+        if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", value):
+            raise ValueError(f"train.device = {value!r} is not a device: use 'auto', 'cpu', 'cuda', 'cuda:N' (N: the "
+                             "GPU's number, e.g. cuda:1) or 'mps'")
+        return value
 
     @model_validator(mode="after")
     def _one_length(self) -> "TrainSection":

@@ -67,6 +67,15 @@ class Batch:
     def is_reg(self) -> torch.Tensor:
         return torch.tensor([item.is_reg for item in self.items])
 
+    def rows(self, rows: slice) -> "Batch":
+        """The samples at `rows` (a data-parallel process's share), each exactly as in the whole batch."""
+        if rows == slice(0, len(self.items)):
+            return self
+        weights = self.sample_weights
+        return Batch(self.items[rows], self.item_indices[rows], self.captions[rows], self.flips[rows],
+                     None if self.loss_weight is None else self.loss_weight[rows], self.geometry[rows],
+                     None if weights is None else weights[rows])
+
 
 @dataclass(frozen=True)
 class SubsetData:

@@ -23,10 +23,14 @@ LATENT_DRAWS = ("once", "deterministic", "random", "step")
 
 
 @torch.no_grad()
-def encode_latents(vae, pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """VAE-encode a [B, 3, H, W] batch and sample scaled latents (fp32 on the CPU)."""
+def encode_latents(vae, pixels: torch.Tensor, generator: torch.Generator, first: int = 0,
+                   whole: int | None = None) -> torch.Tensor:
+    """VAE-encode a [B, 3, H, W] batch and sample scaled latents (fp32 on the CPU). `first`/`whole`: the pixels
+    are rows first.. of a batch of `whole` (one process's share of it): the noise is drawn for the whole batch
+    and cut to them, so they get what they get in one process."""
     mean, std = encode_distribution(vae, pixels)
-    noise = torch.randn(mean.shape, generator=generator)
+    shape = mean.shape if whole is None else (whole, *mean.shape[1:])
+    noise = torch.randn(shape, generator=generator)[first:first + mean.shape[0]]
     return ((mean + std * noise) * vae.config.scaling_factor).float()
 
 
@@ -65,8 +69,12 @@ class LatentSource:
         width, height = self.data.size_of(key[0])
         return LatentEntry(self.data.items[key[0]].path, width, height, key[1])
 
-    def fill(self) -> None:
-        """Encode (memory) or find and complete (disk) every latent the epochs can ask for, once."""
+    def fill(self, part: tuple[int, int] | None = None) -> None:
+        """Encode (memory) or find and complete (disk) every latent the epochs can ask for, once. `part`
+        (index, count): complete only every count-th entry of the disk cache from index — the processes of a
+        data-parallel run share its encoding, then each fills the whole, finding the others' files."""
+        if part is not None and self.mode != "disk":
+            raise ValueError("LatentSource.fill(part=...) shares the work of a disk cache only")
         if self.mode == "off":
             return
         keys = self.keys()
@@ -76,6 +84,10 @@ class LatentSource:
                 self.memory[keys[k]] = self._kept(keys[k], mean, std)
             return
         self.disk = DiskLatentCache(self.cache_dir, self.vae)
+        if part is not None:
+            report, _ = self.disk.ensure(entries[part[0]::part[1]], self.vae_batch_size)
+            print(f"{report.summary(self.cache_dir)}: this process's part, 1/{part[1]} of the entries")
+            return
         report, digests = self.disk.ensure(entries, self.vae_batch_size)
         print(report.summary(self.cache_dir))
         self.files = {k: (path, digest, entry) for k, path, digest, entry in zip(keys, report.files, digests, entries)}
@@ -99,27 +111,31 @@ class LatentSource:
     def _mean(self, mean: torch.Tensor) -> torch.Tensor:
         return (mean * self.vae.config.scaling_factor).float()
 
-    def latents(self, batch: Batch, epoch: int, step_seed: int) -> torch.Tensor:
-        """The batch's latents [B, C, h, w] (fp32, CPU) for the step seeded with `step_seed`."""
+    def latents(self, batch: Batch, epoch: int, step_seed: int, first: int = 0,
+                whole: int | None = None) -> torch.Tensor:
+        """The batch's latents [B, C, h, w] (fp32, CPU) for the step seeded with `step_seed`. `first`/`whole`:
+        the batch is rows first.. of a batch of `whole` (a data-parallel process's share): every draw is the one
+        those rows get in the whole batch."""
         keys = list(zip(batch.item_indices, batch.flips))
         if self.mode == "memory" and self.draw in ("once", "deterministic"):
             return torch.stack([self.memory[k] for k in keys])
         if self.mode == "off":
             if len(batch.geometry) != len(keys):
                 raise ValueError("latents encoded every step need the batch's crops (a batch of TrainingData)")
-            augment = derived_rng(step_seed, 6)  # color_aug / face crops: the step's own stream
-            pixels = torch.stack([self.data.pixels(i, f, g.box, augment) for (i, f), g in zip(keys, batch.geometry)])
+            # color_aug / face crops: each sample's own stream of the step (the same on any number of processes)
+            pixels = torch.stack([self.data.pixels(i, f, g.box, derived_rng(step_seed, 6, first + position))
+                                  for position, ((i, f), g) in enumerate(zip(keys, batch.geometry))])
             if self.draw == "step":
-                return encode_latents(self.vae, pixels, torch.Generator().manual_seed(step_seed))
+                return encode_latents(self.vae, pixels, torch.Generator().manual_seed(step_seed), first, whole)
             mean, std = encode_distribution(self.vae, pixels)
             distributions = list(zip(mean, std))
         elif self.mode == "memory":
             distributions = [self.memory[k] for k in keys]
         else:
             distributions = [self.distribution(k) for k in keys]
-        return self._drawn(keys, distributions, step_seed)
+        return self._drawn(keys, distributions, step_seed, first)
 
-    def _drawn(self, keys: list[LatentKey], distributions: list, step_seed: int) -> torch.Tensor:
+    def _drawn(self, keys: list[LatentKey], distributions: list, step_seed: int, first: int = 0) -> torch.Tensor:
         scale = self.vae.config.scaling_factor
         drawn = []
         for position, (key, (mean, std)) in enumerate(zip(keys, distributions)):
@@ -128,7 +144,7 @@ class LatentSource:
             elif self.draw == "deterministic":
                 drawn.append(self._mean(mean))
             else:
-                drawn.append(sample_latent(mean, std, hash_ints(step_seed, position, 7), scale))
+                drawn.append(sample_latent(mean, std, hash_ints(step_seed, first + position, 7), scale))
         return torch.stack(drawn)
 
 

@@ -94,6 +94,8 @@ class FullModelHook(TrainerHooks):
     builds one (a fresh copy of the base model, so frozen weights held in a lower training precision are not
     what gets saved)."""
 
+    writes_outputs = True  # data-parallel: the main process alone writes it
+
     def __init__(self, model_path: str, config_dir: str | None, v_parameterization: bool | None, path: Path,
                  dtype: torch.dtype):
         self.model_path = model_path

@@ -29,6 +29,7 @@ class A1111LogFolder(TrainerHooks):
 
     csv_name = ""
     copy_every_key = ""  # the log section's key for copies, e.g. "save_embedding_every"
+    writes_outputs = True  # data-parallel: the main process alone writes them
 
     def __init__(self, config, name: str, prompts, log, plan: TrainingPlan, trainable,
                  prompt_transform: Callable[[str], str] | None = None):

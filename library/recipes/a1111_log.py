@@ -24,6 +24,7 @@ class A1111Log(A1111LogFolder):
     csv_name = CSV_NAME
     copy_every_key = "save_embedding_every"
 
+
     def __init__(self, config, trainable: EmbeddingTrainable, plan: TrainingPlan):
         emb = config.embedding
         super().__init__(config, emb.name, emb, config.ti_log, plan, trainable,

@@ -100,7 +100,10 @@ def decode_images(pipe, latents: torch.Tensor) -> list:
 @torch.no_grad()
 def generate_class_images(parts: "ModelParts", config, status: ClassImageStatus) -> list[Path]:
     """Generate status.missing images from dreambooth.class_prompt into status.folder (square, at
-    dataset.resolution); returns the new image paths."""
+    dataset.resolution); returns the new image paths. The processes of a data-parallel run share the work (each
+    image's seed comes from its number, whichever process draws it)."""
+    from library.training.distributed import current_processes
+
     db, ds = config.dreambooth, config.dataset
     if not status.missing:
         return []
@@ -110,11 +113,13 @@ def generate_class_images(parts: "ModelParts", config, status: ClassImageStatus)
     pipe = parts.pipeline()
     pipe.set_progress_bar_config(disable=True)
     numbers = free_numbers(status.folder, status.missing)
+    processes = current_processes()
+    processes.barrier()  # every process has counted the folder before any writes to it
+    mine = numbers[processes.rank::processes.count]
     caption_extension = ds.caption_extension if ds.caption_extension.startswith(".") else f".{ds.caption_extension}"
-    written: list[Path] = []
-    with tqdm(total=len(numbers), desc="generating class images", unit="img", dynamic_ncols=True) as bar:
-        for start in range(0, len(numbers), db.class_batch_size):
-            chunk = numbers[start:start + db.class_batch_size]
+    with tqdm(total=len(mine), desc="generating class images", unit="img", dynamic_ncols=True) as bar:
+        for start in range(0, len(mine), db.class_batch_size):
+            chunk = mine[start:start + db.class_batch_size]
             generators = [torch.Generator().manual_seed(hash_ints(config.train.seed, n, _SEED_SALT)) for n in chunk]
             with _autocast(device, config.train.mixed_precision):
                 latents = pipe(
@@ -131,6 +136,6 @@ def generate_class_images(parts: "ModelParts", config, status: ClassImageStatus)
                 write_atomically(caption, lambda p: p.write_text(db.class_prompt + "\n", encoding="utf-8"))
                 # the image last: a counted image always has its caption
                 write_atomically(stem.with_suffix(".png"), lambda p, im=image: im.save(p, format="PNG"))
-                written.append(stem.with_suffix(".png"))
                 bar.update(1)
-    return written
+    processes.barrier()  # the others' images are written too
+    return [status.folder / f"{GENERATED_PREFIX}{n:05d}.png" for n in numbers]

@@ -22,6 +22,7 @@ from library.data.masks import MaskSpec, mask_specs
 from library.models.dtypes import PartDtypes
 from library.recipes.base import Recipe
 from library.training.device import SAVE_DTYPES, WEIGHT_DTYPES, resolve_device
+from library.training.launch import launch_info
 from library.training.plan import FolderCount, make_plan
 from library.training.precision import trained_dtype
 from library.training.resolved import ResolvedRun
@@ -259,7 +260,7 @@ def resolve(config: RunConfig, recipe: Recipe) -> ResolvedRun:
     reg_samples = sum(item.repeats for item in data.items if item.is_reg)
     plan = make_plan(scan.num_train_samples(), reg_samples, train.batch_size, len(data.epoch_batches(0)),
                      train.gradient_accumulation_steps, train.max_steps, train.epochs,
-                     folder_counts(ds, scan, len(extra)))
+                     folder_counts(ds, scan, len(extra)), launch_info().processes)
     if config.save.resume:
         plan = dataclasses.replace(plan, done=_resumed_step(Path(config.save.resume)))
     change = recipe.adjust_plan(config, plan)

@@ -10,6 +10,8 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
+from library.training.launch import launch_info
+
 if TYPE_CHECKING:
     from library.config.loading import RawConfig
     from library.config.schema import RunConfig
@@ -44,7 +46,8 @@ def parse_args(argv: list[str] | None, description: str) -> argparse.Namespace:
 
 
 def fail(message: str, code: int = 2) -> NoReturn:
-    print(f"error: {message}", file=sys.stderr)
+    if launch_info().is_main:  # the other processes of a data-parallel run meet the same problem: said once
+        print(f"error: {message}", file=sys.stderr)
     raise SystemExit(code)
 
 
@@ -90,10 +93,14 @@ def run_problems(config: "RunConfig", recipe: "Recipe", check_only: bool) -> tup
     from library.recipes.checks import folder_problem
     from library.registry import OptimizerError
     from library.training.device import resolve_device, runtime_problems
+    from library.training.launch import launch_problems
     from library.training.optimizers import check_optimizer
 
     train, opt = config.train, config.optimizer
     problems = runtime_problems(train.device, train.mixed_precision)
+    coupled = bool(train.noise_offset and train.adaptive_noise_scale and train.multires_noise_iterations)
+    problems += launch_problems(train.batch_size, train.device, fused_backward_pass=opt.fused_backward_pass,
+                                batch_coupled_noise=coupled)
     if train.attention == "xformers" and (why := xformers_problem(resolve_device(train.device))):
         problems.append(f"train.attention = 'xformers' but {why}; use 'auto' (falls back to SDPA) or 'sdpa'")
     folders = [(config.save.output_dir, "save.output_dir"), (config.logging.log_dir, "logging.log_dir")]
@@ -147,11 +154,12 @@ class ModelLoader:
         if self.parts is None:
             model = self.config.model
             v_param = None if model.v_parameterization == "auto" else model.v_parameterization
+            dtypes = part_dtypes(self.config, self.recipe)
             try:
-                self.parts = load_model(model.path, v_param, model.config_dir or None,
-                                        part_dtypes(self.config, self.recipe))
+                self.parts = load_model(model.path, v_param, model.config_dir or None, dtypes)
             except ModelLoadError as err:
                 fail(str(err))
+            print(f"loaded as: {dtypes.line(self.parts.vae.config)}")
         return self.parts
 
 
@@ -180,6 +188,8 @@ def prepare(recipe: "Recipe", args: argparse.Namespace) -> tuple["ResolvedRun", 
     for line in recipe.model_lines(config, header):
         print(line)
     load = ModelLoader(config, recipe)
+    if not args.check:
+        _join_processes(config)
     recipe.before_scan(config, args.check, load)
     try:
         run = resolve(config, recipe)
@@ -204,8 +214,29 @@ def run_recipe(recipe: "Recipe", argv: list[str] | None, description: str) -> in
     return run_main(lambda args: _run(recipe, args, description), argv)
 
 
+def _join_processes(config: "RunConfig") -> None:
+    """With several processes (accelerate launch), join their process group before anything loads."""
+    if launch_info().processes > 1:
+        from library.training.distributed import start_processes
+
+        start_processes(config.train.device)
+
+
 def _run(recipe: "Recipe", argv: list[str] | None, description: str) -> int:
+    from library.errors import UserError
+    from library.training.launch import quiet_unless_main
+
     args = parse_args(argv, description)
+    quiet_unless_main(launch_info())  # after parsing: --help and usage errors print in every process
+    try:
+        return _train_run(recipe, args, argv)
+    except UserError:
+        if launch_info().is_main:
+            raise
+        raise SystemExit(2) from None  # the main process says what went wrong; the same happens to it
+
+
+def _train_run(recipe: "Recipe", args: argparse.Namespace, argv: list[str] | None) -> int:
     prepared = prepare(recipe, args)
     if prepared is None:
         return 0
@@ -225,7 +256,8 @@ def _run(recipe: "Recipe", argv: list[str] | None, description: str) -> int:
 
 
 def launch_command(recipe: "Recipe", argv: list[str] | None) -> tuple[str, ...]:
-    """The command line as it can be typed again from here: this Python, the script and its arguments."""
+    """The command line as it can be typed again from here: this Python (or accelerate launch), the script and
+    its arguments."""
     import os
 
     args = list(sys.argv[1:] if argv is None else argv)
@@ -236,6 +268,9 @@ def launch_command(recipe: "Recipe", argv: list[str] | None) -> tuple[str, ...]:
         python = python if relative.startswith("..") else relative
     except ValueError:  # another drive on Windows
         pass
+    processes = launch_info().processes
+    if processes > 1:  # started by accelerate launch (torchrun): continued the same way, on as many processes
+        return ("accelerate", "launch", "--multi_gpu", "--num_processes", str(processes), script, *args)
     return (python, script, *args)
 
 
@@ -256,6 +291,7 @@ def train(recipe: "Recipe", run: "ResolvedRun", parts: "ModelParts") -> int:
     import dataclasses
 
     from library.sampling.preview import with_sampling
+    from library.training.distributed import end_processes
     from library.training.trainer import Trainer
 
     if note := resolution_note(run.config.dataset.resolution, parts):
@@ -272,4 +308,5 @@ def train(recipe: "Recipe", run: "ResolvedRun", parts: "ModelParts") -> int:
         run = dataclasses.replace(run, data=built.data)
     hooks = with_sampling(built.hooks, run.config, parts, built.prompt_transform)
     Trainer(run, parts, built.trainable, hooks, built.start).train()
+    end_processes()
     return 0

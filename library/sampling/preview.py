@@ -176,6 +176,7 @@ class SamplingHooks(TrainerHooks):
     <save.output_dir>/samples/ and to TensorBoard (tag samples/NN, at the step)."""
 
     needs_vae = True
+    writes_outputs = True  # data-parallel: the main process alone writes them
 
     def __init__(self, config, parts: ModelParts, specs: list[SampleSpec]):
         self.section = config.sample

@@ -1,23 +1,41 @@
 """Where a run computes and in what precision, resolved once from [train] before any model loads."""
 from __future__ import annotations
 
+import os
+import re
+
 import torch
 
 WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+_CUDA_INDEX = re.compile(r"^cuda:(\d+)$")
 
 
 def resolve_device(requested: str) -> torch.device:
-    """train.device: "auto" picks CUDA when there is one, else the CPU."""
+    """train.device: "auto" picks CUDA when there is one (unless `accelerate launch --cpu` asked for the CPU),
+    else the CPU; "cuda:N" is GPU number N."""
     if requested != "auto":
         return torch.device(requested)
+    if os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("true", "1"):
+        return torch.device("cpu")
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def use_device(device: torch.device) -> None:
+    """Make a numbered GPU (train.device = "cuda:N") the current one, so that "cuda" means it everywhere —
+    accelerate places the optimizer state on "cuda" — before anything is put on it."""
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)
 
 
 def runtime_problems(device: str, mixed_precision: str) -> list[str]:
     """Settings this machine cannot run, found before any model loads."""
-    if device == "cuda" and not torch.cuda.is_available():
-        return ["train.device = 'cuda' but no CUDA device is available; use 'auto' or 'cpu'"]
+    numbered = _CUDA_INDEX.match(device)
+    if (device == "cuda" or numbered) and not torch.cuda.is_available():
+        return [f"train.device = '{device}' but no CUDA device is available; use 'auto' or 'cpu'"]
+    if numbered and int(numbered.group(1)) >= torch.cuda.device_count():
+        count = torch.cuda.device_count()
+        return [f"train.device = '{device}' but this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}"]
     if device == "mps" and not torch.backends.mps.is_available():
         return ["train.device = 'mps' but Apple's MPS backend is not available here; use 'auto' or 'cpu'"]
     if resolve_device(device).type == "cpu" and mixed_precision == "fp16":

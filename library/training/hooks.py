@@ -16,6 +16,9 @@ class TrainerHooks:
     """The base class does nothing; override the events you need."""
 
     needs_vae = False  # True for hooks that decode with the VAE (previews): it then stays after latents are cached
+    # True for hooks that only write outputs (files, images, logs): a data-parallel run calls them on its main
+    # process only. Hooks that change what trains (freezing a part at a step) run on every process.
+    writes_outputs = False
 
     def after_step(self, trainer: "Trainer", loop: "LoopParts", loss: float, lrs: dict[str, float],
                    batch: Batch) -> None:
@@ -70,3 +73,12 @@ class CombinedHooks(TrainerHooks):
     def after_train(self, trainer, loop, final) -> None:
         for hook in self.hooks:
             hook.after_train(trainer, loop, final)
+
+
+def hooks_for_process(hooks: TrainerHooks | None, is_main: bool) -> TrainerHooks | None:
+    """All of `hooks` on the main process; on the others, only those that change what trains."""
+    if is_main or hooks is None:
+        return hooks
+    if isinstance(hooks, CombinedHooks):
+        return CombinedHooks(*(hook for hook in hooks.hooks if not hook.writes_outputs))
+    return None if hooks.writes_outputs else hooks

@@ -17,7 +17,8 @@ _SIGNALS = (signal.SIGINT, signal.SIGTERM)
 class StopRequests:
     """While active (a context manager), SIGINT/SIGTERM set `requested` instead of raising KeyboardInterrupt."""
 
-    def __init__(self):
+    def __init__(self, quiet: bool = False):
+        self.quiet = quiet  # print nothing (the processes of a data-parallel run other than the main one)
         self.requested = False
         self.saving = False
         self.signal = signal.SIGINT  # the first signal received (its number sets the exit code)
@@ -27,6 +28,8 @@ class StopRequests:
         first, self.requested = not self.requested, True
         if first:
             self.signal = signal.Signals(signum)
+        if self.quiet:
+            return
         if first and not self.saving:
             name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
             print(f"\n{name}: stopping after this step, then saving the result and a state to resume from",

@@ -67,8 +67,11 @@ class RunLog:
     """Progress bar + TensorBoard writer for one run. `folder`: its TensorBoard folder (see run_folder); when it
     already holds the run's events (a resume), steps after `initial_step` written there before are dropped."""
 
-    def __init__(self, folder: Path, total_steps: int, initial_step: int = 0, config_text: str = ""):
+    def __init__(self, folder: Path, total_steps: int, initial_step: int = 0, config_text: str = "",
+                 quiet: bool = False):
+        """quiet: no bar, lines or TensorBoard files (a data-parallel process other than the main one)."""
         self.dir = Path(folder)
+        self.quiet = quiet
         self.initial_step = initial_step
         self.config_text = config_text
         self.resumed = self.dir.is_dir() and initial_step > 0
@@ -77,7 +80,7 @@ class RunLog:
         self.last_loss: float | None = None
         # refreshed at every step (a step takes far longer than drawing the bar)
         self.bar = tqdm(total=total_steps, initial=initial_step, desc="training", unit="step", dynamic_ncols=True,
-                        mininterval=0, miniters=1)
+                        mininterval=0, miniters=1, disable=quiet)
 
     @property
     def writer(self):
@@ -99,6 +102,8 @@ class RunLog:
         """Log one optimizer step; `scalars`: more TensorBoard values of it by tag (e.g. max_norm/keys_scaled)."""
         self.last_loss = loss
         average = self.average.add(loss)
+        if self.quiet:
+            return
         self.writer.add_scalar("loss/current", loss, step)
         self.writer.add_scalar("loss/average", average, step)
         for name, lr in lrs.items():
@@ -115,10 +120,12 @@ class RunLog:
         self.bar.fp.flush()
 
     def epoch_end(self, epoch: int, mean_loss: float) -> None:
-        self.writer.add_scalar("loss/epoch", mean_loss, epoch + 1)
+        if not self.quiet:
+            self.writer.add_scalar("loss/epoch", mean_loss, epoch + 1)
 
     def write(self, message: str) -> None:
-        self.bar.write(message)
+        if not self.quiet:
+            self.bar.write(message)
 
     def close(self) -> None:
         self.bar.close()

@@ -13,6 +13,7 @@ from diffusers.training_utils import compute_snr
 from library.config.schema import TrainSection
 from library.data.batches import Batch
 from library.errors import UserError
+from library.training.distributed import Share
 from library.training.loss import (debiased_weights, huber_c, min_snr_weights, per_sample_loss,
                                    pixel_weighted_loss, scale_v_pred_like_noise_weights, target_for,
                                    v_pred_like_weights)
@@ -66,30 +67,47 @@ class Objective:
                     "model cannot predict from; it is meant for v-prediction models (sd-scripts warns too)"]
         return []
 
-    def noised(self, latents: torch.Tensor, generator: torch.Generator) -> Noised:
-        """Noise, timesteps and noisy latents for a step, every draw from the step's CPU generator."""
+    def noised(self, latents: torch.Tensor, generator: torch.Generator, share: Share | None = None) -> Noised:
+        """Noise, timesteps and noisy latents for a step, every draw from the step's CPU generator. `share`: the
+        latents are these rows of a bigger batch (a data-parallel process's): every draw is made for the whole
+        batch and cut to them, so each row gets what it gets in one process."""
+        rows = slice(None) if share is None or share.whole else share.rows
+        shape = latents.shape if share is None else (share.total, *latents.shape[1:])
+        on_cpu = None
+        if self.train.noise_offset:  # adaptive_noise_scale reads the latents (a device-to-host copy: only then)
+            on_cpu = latents.detach().cpu()
+            if rows != slice(None):  # the other processes' rows: any values, the scale is per row
+                on_cpu = torch.zeros(shape, dtype=on_cpu.dtype).index_copy(0, torch.arange(share.start, share.stop),
+                                                                          on_cpu)
+        noise, timesteps, perturbed = self._draws(shape, on_cpu, generator)
+        timesteps = timesteps[rows].to(latents.device)
+        noise = noise[rows].to(latents.device, latents.dtype)
+        applied = noise if perturbed is None else perturbed[rows].to(latents.device, latents.dtype)
+        return Noised(self.scheduler.add_noise(latents, applied, timesteps), noise, timesteps)
+
+    def _draws(self, shape: tuple[int, ...], latents: torch.Tensor | None, generator: torch.Generator):
+        """(noise, timesteps, perturbed noise or None) on the CPU for latents of `shape`, in sd-scripts' order of
+        draws; `latents` (on the CPU) when noise_offset needs them."""
         train = self.train
-        noise = torch.randn(latents.shape, generator=generator)
+        noise = torch.randn(shape, generator=generator)
         if train.noise_offset:
-            noise = offset_noise(noise, latents.detach().cpu(), generator, train.noise_offset,
+            noise = offset_noise(noise, latents, generator, train.noise_offset,
                                  train.noise_offset_random_strength, train.adaptive_noise_scale)
         if train.multires_noise_iterations:
             noise = pyramid_noise(noise, generator, train.multires_noise_iterations, train.multires_noise_discount)
-        timesteps = sample_timesteps(latents.shape[0], self.scheduler, generator, latents.device,
+        timesteps = sample_timesteps(shape[0], self.scheduler, generator, torch.device("cpu"),
                                      train.min_timestep, train.max_timestep)
         perturbed = None
         if train.ip_noise_gamma:
             perturbed = perturbed_noise(noise, generator, train.ip_noise_gamma, train.ip_noise_gamma_random_strength)
-            perturbed = perturbed.to(latents.device, latents.dtype)
-        noise = noise.to(latents.device, latents.dtype)
-        noisy = self.scheduler.add_noise(latents, noise if perturbed is None else perturbed, timesteps)
-        return Noised(noisy, noise, timesteps)
+        return noise, timesteps, perturbed
 
     def loss(self, prediction: torch.Tensor, latents: torch.Tensor, noised: Noised, batch: Batch,
-             pixel_weight: torch.Tensor | None = None) -> torch.Tensor:
+             pixel_weight: torch.Tensor | None = None, share: Share | None = None) -> torch.Tensor:
         """The batch's loss: the element-wise loss (times the pixel weights, e.g. loss masks) averaged per
         sample, times the per-sample weights (regularisation images' prior_loss_weight, the folder's
-        loss_weight, then the SNR-based weights in sd-scripts' order), averaged over the batch."""
+        loss_weight, then the SNR-based weights in sd-scripts' order), averaged over the batch. For a `share` of
+        a batch: summed and divided by the whole batch's size, so the processes' losses add up to the mean."""
         train, timesteps = self.train, noised.timesteps
         target = target_for(self.scheduler, latents, noised.noise, timesteps, self.v_prediction)
         c = None
@@ -105,6 +123,8 @@ class Objective:
             weights = weights * torch.tensor(batch.sample_weights, dtype=weights.dtype, device=device)
         if self._snr_weighted():
             weights = weights * self.snr_weights(timesteps).to(device)
+        if share is not None and not share.whole:
+            return (losses * weights).sum() / share.total
         return (losses * weights).mean()
 
     def _snr_weighted(self) -> bool:

@@ -27,6 +27,7 @@ class TrainingPlan:
     total_steps: int  # optimizer steps
     folders: tuple[FolderCount, ...] = ()  # the training folders behind train_samples, for the explanation
     done: int = 0  # steps a resumed run has already taken
+    processes: int = 1  # data-parallel processes sharing every batch (accelerate launch --num_processes)
 
     @property
     def samples_per_epoch(self) -> int:
@@ -51,6 +52,10 @@ class TrainingPlan:
             if self.batches_per_epoch == math.ceil(self.samples_per_epoch / self.batch_size) else
             f"batches per epoch : {self.batches_per_epoch} (batch size {self.batch_size}; a batch never mixes sizes)",
         ]
+        if self.processes > 1:
+            lines.append(f"processes         : data-parallel on {self.processes} processes, each takes "
+                         f"{self.batch_size // self.processes} of every batch of {self.batch_size} (train.batch_size "
+                         "is the global batch)")
         if self.accumulation > 1:
             lines.append(
                 f"steps per epoch   : ceil({self.batches_per_epoch} / gradient accumulation {self.accumulation})"
@@ -71,8 +76,10 @@ class TrainingPlan:
 
 
 def make_plan(train_samples: int, reg_samples: int, batch_size: int, batches_per_epoch: int, accumulation: int,
-              max_steps: int | None, epochs: int | None, folders: tuple[FolderCount, ...] = ()) -> TrainingPlan:
-    """Resolve epochs ↔ steps from whichever one the config set."""
+              max_steps: int | None, epochs: int | None, folders: tuple[FolderCount, ...] = (),
+              processes: int = 1) -> TrainingPlan:
+    """Resolve epochs ↔ steps from whichever one the config set; `processes` share every batch (the step
+    arithmetic is the same on any number)."""
     if train_samples <= 0:
         raise ValueError("the dataset has no training samples")
     per_epoch = math.ceil(batches_per_epoch / accumulation)
@@ -82,7 +89,7 @@ def make_plan(train_samples: int, reg_samples: int, batch_size: int, batches_per
         assert epochs is not None
         total = epochs * per_epoch
     return TrainingPlan(train_samples, reg_samples, batch_size, batches_per_epoch, accumulation, epochs, total,
-                        folders)
+                        folders, processes=processes)
 
 
 def _steps_for(plan: TrainingPlan, repeats: list[int], own_reg: int, epochs: int) -> tuple[int, int]:

@@ -18,7 +18,7 @@ def summary_path(output_dir: str | Path, name: str) -> Path:
 
 def write_run_summary(path: Path, status: str, **fields) -> None:
     """Write the summary; `fields`: step, total_steps, final_loss, last_loss, output, resume_state, tensorboard,
-    error (None values are left out)."""
+    error, processes (data-parallel runs); None values are left out."""
     data = {"status": status, **{k: v for k, v in fields.items() if v is not None},
             "updated": datetime.datetime.now().isoformat(timespec="seconds")}
     write_text_atomically(path, json.dumps(data, indent=2) + "\n")

@@ -34,8 +34,9 @@ class RunSaver:
     (the next save tries again); the final or interrupted save that fails goes to a rescue folder instead."""
 
     def __init__(self, save, suffix: str, stops: StopRequests, write_files: WriteFiles,
-                 say: Callable[[str], None], command: list[str] | None = None):
+                 say: Callable[[str], None], command: list[str] | None = None, writes: bool = True):
         self.save = save  # the config's [save] section
+        self.writes = writes  # False on the processes of a data-parallel run other than the main one
         self.output_dir = Path(save.output_dir)
         self.suffix = suffix
         self.stops = stops
@@ -48,6 +49,8 @@ class RunSaver:
 
     def clean_leftovers(self) -> None:
         """Remove what interrupted writes of this run name left hidden in the output folder (and say so)."""
+        if not self.writes:
+            return
         removed = remove_temporaries(self.output_dir, self.save.name)
         if removed:
             listed = ", ".join(p.name for p in removed[:5]) + (" ..." if len(removed) > 5 else "")
@@ -72,7 +75,7 @@ class RunSaver:
     def due(self, progress: Progress, total_steps: int, epoch_done: bool) -> None:
         """Save an intermediate when the cadence asks for one (not at the last step: the final save follows)."""
         save = self.save
-        if progress.global_step >= total_steps:
+        if progress.global_step >= total_steps or not self.writes:
             return
         if epoch_done and save.every_n_epochs and progress.epoch % save.every_n_epochs == 0:
             path, kind = epoch_file(self.output_dir, save.name, progress.epoch, self.suffix), "epoch"
@@ -87,7 +90,7 @@ class RunSaver:
         """The final artifact (and a state when save.save_state). When the output folder fails, the result and a
         state go to a rescue folder and SaveFailed says where and how to continue: the run is not lost, but
         its file is not where it was asked for either (a queue must not go on as if it were)."""
-        path = final_file(self.output_dir, self.save.name, self.suffix)
+        path = self.final_path()
         if self.write(path, self.save.save_state):
             return path
         reason = self._reason()
@@ -95,6 +98,9 @@ class RunSaver:
         raise SaveFailed(f"could not write {path} ({reason}); the result is in {rescued} and a state to resume "
                          f"from in {state_dir_for(rescued)}. Free some space, then continue with: "
                          f"{self.resume_command(state_dir_for(rescued))}")
+
+    def final_path(self) -> Path:
+        return final_file(self.output_dir, self.save.name, self.suffix)
 
     def interrupted(self, step: int) -> tuple[Path, Path]:
         """The artifact and state of an interrupted run; (artifact, state folder), in a rescue folder when the

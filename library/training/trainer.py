@@ -20,8 +20,10 @@ from library.data.sources import ConditioningSource, LatentSource
 from library.models.parts import ModelParts
 from library.faults import fault_point
 from library.training.checkpoints import Progress, load_state, save_state, state_dir_for
+from library.training.device import use_device
+from library.training.distributed import Share, current_processes, fill_latents, resume_note
 from library.training.divergence import NanGuard
-from library.training.hooks import TrainerHooks
+from library.training.hooks import TrainerHooks, hooks_for_process
 from library.training.interrupts import StopRequests
 from library.training.logs import RunLog, run_folder, tensorboard_command
 from library.training.model_setup import (TrainingSetupError, check_clip_skip, optimizer_line, place_models,
@@ -64,10 +66,11 @@ class Trainer:
         self.output_dir = Path(run.config.save.output_dir)
         self.start = start
         self.progress = start.progress if start else Progress()
-        self.hooks = hooks or TrainerHooks()
+        self.processes = current_processes()  # data-parallel: only the main one writes files and logs
+        self.hooks = hooks_for_process(hooks, self.processes.is_main) or TrainerHooks()
         self.log: RunLog | None = None  # while training: the progress bar and TensorBoard writer hooks may use
         self.resumed_log_dir: str | None = None  # the TensorBoard folder a resumed state recorded
-        self.stops = StopRequests()
+        self.stops = StopRequests(quiet=not self.processes.is_main)
         self.saver: RunSaver | None = None  # set once the loop's parts exist (train)
         train = run.config.train
         self.nan_guard = NanGuard(train.nan_policy, train.nan_skip_limit, run.lr_settings, train.mixed_precision)
@@ -88,9 +91,11 @@ class Trainer:
     def _setup(self) -> LoopParts:
         train = self.config.train
         # accelerate keeps process-wide state; a second run in one process (tests, notebooks) may change
-        # mixed precision, which accelerate otherwise refuses
-        AcceleratorState._reset_state(reset_partial_state=True)
+        # mixed precision, which accelerate otherwise refuses. The processes of a data-parallel run keep the
+        # process group they joined (library/training/distributed.py start_processes)
+        AcceleratorState._reset_state(reset_partial_state=self.processes.count == 1)
         GradientState._reset_state()
+        use_device(self.run.device)
         accelerator = Accelerator(mixed_precision=train.mixed_precision, cpu=self.run.device.type == "cpu")
         place_models(self.run, self.parts, self.trainable, accelerator.device)
         opt = self.config.optimizer
@@ -158,6 +163,8 @@ class Trainer:
                 f"cannot resume from {folder}: it was saved by a run with other data or batching "
                 f"({'; '.join(changed)}): resuming would not continue its data order; restore those settings or "
                 "start anew")
+        if note := resume_note(state.extra.get("processes", 1), self.processes.count):
+            print(note)
         if saved_total is not None and saved_total != self.plan.total_steps:
             print(f"note: the state was saved by a run planned for {saved_total} steps; this one plans "
                   f"{self.plan.total_steps}, so the LR schedule continues on the new length")
@@ -166,10 +173,15 @@ class Trainer:
         self.hooks.after_resume(self, loop)
 
     # ---------------------------------------------------------------- one step
-    def _loss(self, loop: LoopParts, batch: Batch, epoch: int, step_seed: int) -> torch.Tensor:
+    def _loss(self, loop: LoopParts, batch: Batch, epoch: int, step_seed: int,
+              share: Share | None = None) -> torch.Tensor:
+        """The loss of this process's rows of a batch: their mean, or their sum / the batch size when the batch is
+        shared (the processes' parts then add up to the batch's mean). No `share`: the whole batch."""
         parts, dtype = self.parts, self.run.weight_dtype
-        latents = loop.latents.latents(batch, epoch, step_seed).to(loop.accelerator.device, dtype)
-        noised = loop.objective.noised(latents, torch.Generator().manual_seed(step_seed))
+        share = share or Share(0, len(batch.items), len(batch.items))
+        latents = loop.latents.latents(batch, epoch, step_seed, share.start, share.total)
+        latents = latents.to(loop.accelerator.device, dtype)
+        noised = loop.objective.noised(latents, torch.Generator().manual_seed(step_seed), share)
         with loop.accelerator.autocast():
             encoding = loop.conditioning.encode(batch.captions, grad=self.trainable.trains_text_encoder)
             conditioning = parts.family.conditioning(encoding, batch)
@@ -177,13 +189,15 @@ class Trainer:
         weight = batch.loss_weight
         if loop.masks is not None and (mask := loop.masks.weights(batch)) is not None:
             weight = mask if weight is None else weight * mask
-        return loop.objective.loss(prediction, latents, noised, batch, weight)
+        return loop.objective.loss(prediction, latents, noised, batch, weight, share)
 
     def _optimizer_step(self, loop: LoopParts) -> dict[str, float]:
         """Step (unless the fused backward pass already did), then what follows each step: the trainable's own
-        update (max-norm regularisation; its numbers are returned for the logs) and the EMA."""
+        update (max-norm regularisation; its numbers are returned for the logs) and the EMA. Data-parallel: the
+        gradients are summed over the processes first."""
         if loop.fused is None:
             params = [p for g in loop.optimizer.param_groups for p in g["params"]]  # not re-collected from the model
+            self.processes.sum_gradients(params)
             if self.config.optimizer.max_grad_norm:
                 loop.accelerator.clip_grad_norm_(params, self.config.optimizer.max_grad_norm)
             loop.optimizer.step()
@@ -201,7 +215,7 @@ class Trainer:
         """The artifact, then its state (a kill between leaves a usable artifact, never a state without one)."""
         save_artifact(self.trainable, loop.ema, self.config.ema.save_as, artifact, self.progress)
         if with_state:
-            extra = {**self.run.run_shape(), "nan_skipped": self.nan_guard.skipped,
+            extra = {**self.run.run_shape(), "nan_skipped": self.nan_guard.skipped, "processes": self.processes.count,
                      **({"tensorboard_dir": str(self.log.dir)} if self.log else {})}
             save_state(state_dir_for(artifact), self.progress, self.trainable.state_dict(), loop.optimizer,
                        loop.scheduler, loop.accelerator.scaler, extra, loop.ema.state_dict() if loop.ema else None)
@@ -211,23 +225,29 @@ class Trainer:
         (self.log.write if self.log else print)(message)
 
     def _stopped(self, log: RunLog) -> NoReturn:
-        """Ctrl-C or SIGTERM: save the result and a state, print the command that continues, exit."""
+        """Ctrl-C or SIGTERM: save the result and a state, print the command that continues, exit. With several
+        processes the main one saves and the others wait for it."""
         step = self.progress.global_step
-        artifact, state = self.saver.interrupted(step)
-        command = self.saver.resume_command(state)
-        self._summary("interrupted", log, output=str(artifact), resume_state=str(state), resume_command=command)
-        log.write(f"\nstopped at step {step} of {self.plan.total_steps}: saved {artifact} and its state.\n"
-                  f"continue with:\n  {command}")
+        saved = self.processes.main_only(lambda: self.saver.interrupted(step))
+        if saved is not None:
+            artifact, state = saved
+            command = self.saver.resume_command(state)
+            self._summary("interrupted", log, output=str(artifact), resume_state=str(state), resume_command=command)
+            log.write(f"\nstopped at step {step} of {self.plan.total_steps}: saved {artifact} and its state.\n"
+                      f"continue with:\n  {command}")
         log.close()
         raise SystemExit(self.stops.exit_code())
 
     def _summary(self, status: str, log: RunLog, **fields) -> None:
         """<output_dir>/<name>.run.json, for scripts and the run queue (library/training/run_summary.py)."""
+        if not self.processes.is_main:
+            return
         average = log.average.value if log.average.values else None
         try:
             write_run_summary(summary_path(self.output_dir, self.config.save.name), status,
                               step=self.progress.global_step, total_steps=self.plan.total_steps,
-                              final_loss=average, last_loss=log.last_loss, tensorboard=str(log.dir), **fields)
+                              final_loss=average, last_loss=log.last_loss, tensorboard=str(log.dir),
+                              processes=self.processes.count if self.processes.count > 1 else None, **fields)
         except OSError as err:  # the summary is for scripts; a full disk must not hide what happened to the run
             self._say(f"could not write the run summary {err.filename}: {err.strerror or err}")
 
@@ -236,7 +256,7 @@ class Trainer:
         check_clip_skip(self.config.model.clip_skip, self.parts)
         loop = self._setup()
         self.saver = RunSaver(self.config.save, self.trainable.artifact_suffix, self.stops,
-                              partial(self._write_files, loop), self._say, self.run.command)
+                              partial(self._write_files, loop), self._say, self.run.command, self.processes.is_main)
         self.saver.clean_leftovers()
         if self.config.save.resume:
             self._resume(loop)
@@ -244,7 +264,7 @@ class Trainer:
             print(f"the state is already at step {self.progress.global_step} of {self.plan.total_steps}: "
                   "nothing to train; raise train.max_steps / train.epochs to continue")
         try:
-            loop.latents.fill()
+            fill_latents(loop.latents, self.processes)
             if loop.masks is not None:
                 loop.masks.fill()
         except KeyboardInterrupt:
@@ -252,15 +272,16 @@ class Trainer:
             raise SystemExit(130) from None
         release_vae(self.run, self.parts, self.trainable, keep=self.hooks.needs_vae)
         self.trainable.set_train(True)
+        self.processes.broadcast([p for g in loop.optimizer.param_groups for p in g["params"]])
         log = self.log = self._open_log()
         self._summary("running", log)
         with self.stops:
             self._train_loop(loop, log)
-            if self.stops.requested and self.progress.global_step < self.plan.total_steps:
+            if self.progress.global_step < self.plan.total_steps and self._stop_requested():
                 self._stopped(log)
             log.close()
             try:
-                final = self.saver.final()
+                final = self.processes.main_only(self.saver.final) or self.saver.final_path()
             except SaveFailed as err:  # the result is in a rescue folder, or nowhere: the summary says which
                 self._summary("failed", log, error=str(err))
                 raise
@@ -288,11 +309,12 @@ class Trainer:
         folder = run_folder(self.config.logging.log_dir, self.config.save.name, self.resumed_log_dir,
                             continuing=self.start is not None)
         print(tensorboard_command(folder))
-        return RunLog(folder, self.plan.total_steps, self.progress.global_step, config_to_toml(self.config))
+        return RunLog(folder, self.plan.total_steps, self.progress.global_step, config_to_toml(self.config),
+                      quiet=not self.processes.is_main)
 
     def _epochs(self, loop: LoopParts, log: RunLog) -> None:
         for epoch in range(self.progress.epoch, self.plan.epochs):
-            if self.progress.global_step >= self.plan.total_steps or self.stops.requested:
+            if self.progress.global_step >= self.plan.total_steps or self._stop_requested():
                 return
             batches = self.data.epoch_batches(epoch)
             epoch_losses = self._epoch(loop, log, epoch, batches)
@@ -314,15 +336,19 @@ class Trainer:
             group_start = (index // accumulation) * accumulation
             group_size = min(accumulation, len(batches) - group_start)
             step_seed = hash_ints(seed, epoch, index)
-            torch.manual_seed(step_seed)  # dropout inside the network draws from the global RNG
-            batch = self.data.batch(epoch, batches[index], step_seed)  # random crops come from the step seed
-            loss = self._loss(loop, batch, epoch, step_seed)
+            torch.manual_seed(self.processes.seed(step_seed))  # dropout inside the network draws from the global RNG
+            share = self.processes.share(len(batches[index]))  # the rows of this batch this process trains on
+            # the whole batch's samples (random crops come from the step seed), then this process's rows of them
+            batch = self.data.batch(epoch, batches[index], step_seed).rows(share.rows)
+            loss = self._loss(loop, batch, epoch, step_seed, share) if share.size else self._no_rows(loop)
             if fault_point("loss") == "nan":  # the reliability tests' NaN (library/faults.py)
                 loss = loss * float("nan")
-            if math.isfinite(loss.item()):
-                loop.accelerator.backward(loss / group_size)
-                self.trainable.after_backward()
-                group_loss += loss.item() / group_size
+            value = self.processes.loss_value(loss)  # the whole batch's, summed over the processes
+            if math.isfinite(value):
+                if share.size:
+                    loop.accelerator.backward(loss / group_size)
+                    self.trainable.after_backward()
+                group_loss += value / group_size
             else:  # stops the run (TrainingDiverged), or skips the batch under train.nan_policy = "skip"
                 log.write(self.nan_guard.on_bad_loss(self.progress.global_step + 1, epoch, self.saver.last_good))
                 group_skipped += 1
@@ -342,6 +368,15 @@ class Trainer:
             group_loss, group_skipped = 0.0, 0
             self.saver.due(self.progress, self.plan.total_steps, epoch_done=False)
             fault_point("step")
-            if self.progress.global_step >= self.plan.total_steps or self.stops.requested:
+            if self.progress.global_step >= self.plan.total_steps or self._stop_requested():
                 break
         return epoch_losses
+
+    def _stop_requested(self) -> bool:
+        """Ctrl-C or SIGTERM reached this process or (data-parallel) any other: all stop after the same step."""
+        return self.processes.any(self.stops.requested)
+
+    @staticmethod
+    def _no_rows(loop: LoopParts) -> torch.Tensor:
+        """The loss of a process without rows in a batch smaller than the number of processes."""
+        return torch.zeros((), device=loop.accelerator.device)

@@ -31,6 +31,11 @@ class ChildResult:
 
 def run_child(main, argv: list[str], env: dict[str, str] | None = None, log: Path | None = None) -> ChildResult:
     """main(argv) in a forked process with `env` added to its environment."""
+    return wait_child(*start_child(main, argv, env, log))
+
+
+def start_child(main, argv: list[str], env: dict[str, str] | None = None, log: Path | None = None) -> tuple[int, Path]:
+    """Fork a process that runs main(argv) with `env` added; (its pid, its output file) for wait_child."""
     log = log or Path(os.environ.get("TMPDIR", "/tmp")) / f"kiln-child-{os.getpid()}.log"
     sys.stdout.flush()
     sys.stderr.flush()
@@ -57,6 +62,11 @@ def run_child(main, argv: list[str], env: dict[str, str] | None = None, log: Pat
             sys.stdout.flush()
             sys.stderr.flush()
             os._exit(code if isinstance(code, int) else 1)
+    return pid, log
+
+
+def wait_child(pid: int, log: Path) -> ChildResult:
+    """The result of a child start_child forked, once it ends."""
     _, status = os.waitpid(pid, 0)
     return ChildResult(os.waitstatus_to_exitcode(status), log.read_text(encoding="utf-8", errors="replace"))
 
@@ -108,5 +118,5 @@ def assert_same(expected: dict[str, torch.Tensor], actual: dict[str, torch.Tenso
     assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
 
 
-__all__ = ["ChildResult", "run_child", "exit_code", "unreadable_files", "hidden_entries", "latest_state", "final_tensors",
+__all__ = ["ChildResult", "run_child", "start_child", "wait_child", "exit_code", "unreadable_files", "hidden_entries", "latest_state", "final_tensors",
            "assert_same", "temporaries", "NAME"]

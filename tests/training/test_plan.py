@@ -58,3 +58,18 @@ def test_suggest_repeats_needs_epochs(tmp_path, capsys):
         train_lora.main([str(path), "--suggest-repeats", "300"])
     assert info.value.code == 2 and "add train.epochs=N" in capsys.readouterr().err
     assert train_lora.main([str(path), "--suggest-repeats", "300", "train.epochs=2"]) == 0
+
+
+def test_check_under_accelerate_launch_shows_the_per_process_batch_and_the_same_steps(tmp_path, capsys, monkeypatch):
+    path = write_run_config(tmp_path, "[train]\nepochs = 2\nbatch_size = 4\nseed = 3\n")
+    assert train_lora.main([str(path), "--check"]) == 0
+    alone = capsys.readouterr().out
+    monkeypatch.setenv("WORLD_SIZE", "2")  # what torchrun (accelerate launch --num_processes 2) sets
+    monkeypatch.setenv("RANK", "0")
+    assert train_lora.main([str(path), "--check"]) == 0
+    shared = capsys.readouterr().out
+    assert ("processes         : data-parallel on 2 processes, each takes 2 of every batch of 4 "
+            "(train.batch_size is the global batch)") in shared
+    assert "data-parallel" not in alone
+    steps = [line for line in alone.splitlines() if line.strip().startswith(("batches per epoch", "total steps"))]
+    assert steps and all(line in shared for line in steps)  # the step arithmetic does not change
