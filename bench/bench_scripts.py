@@ -80,11 +80,36 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.plan = [(script, setting) for script in scripts
                  for setting in (chosen or [BenchConfig.parse(c) for c in
                                             (LORA_CONFIGS if script == "lora" else OTHER_CONFIGS)])]
+    args.configs_given = bool(chosen)
     if args.steps < 3 and args.profile:
         parser.error("--profile profiles the last step and times steps 2.. before it: use --steps 3 or more")
     if args.steps < 2 or args.runs < 1 or args.bare_iters < 1 or args.threads < 0:
         parser.error("--steps must be at least 2 (step 1 is not timed), --runs and --bare-iters at least 1")
     return args
+
+
+def cpu_without_bf16(device: str) -> bool:
+    """True when the runs use the CPU and oneDNN has no bf16 kernels for it (no AVX-512): bf16 convolutions
+    then take a slow fallback, and an SD1.5 step at 256 px takes minutes instead of seconds."""
+    import torch
+
+    if device == "cuda" or (device == "auto" and torch.cuda.is_available()):
+        return False
+    return not torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+def drop_slow_bf16(args: argparse.Namespace) -> None:
+    """Leave bf16 settings out of the default plan on a CPU without bf16 kernels (say so); warn when asked for."""
+    bf16 = [(script, s) for script, s in args.plan if s.precision == "bf16"]
+    if not bf16 or args.model == "tiny" or not cpu_without_bf16(args.device):
+        return
+    names = ", ".join(f"{script} {s.label}" for script, s in bf16)
+    if args.configs_given:
+        print(f"note: this CPU has no bf16 kernels (oneDNN, AVX-512): {names} will be very slow", flush=True)
+        return
+    args.plan = [(script, s) for script, s in args.plan if s.precision != "bf16"]
+    print(f"note: skipping {names}: this CPU has no bf16 kernels (oneDNN needs AVX-512), so bf16 convolutions take "
+          "a slow fallback (minutes per SD1.5 step); name them in --configs to run them anyway", flush=True)
 
 
 def model_path(choice: str, cache: Path) -> str:
@@ -161,6 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     from bench_scripts_report import Row, docs_text, machine, raw_lines, table, write_docs
 
     load = os.getloadavg()
+    drop_slow_bf16(args)
     cache = Path(args.cache).resolve()
     model = model_path(args.model, cache)
     args.dataset = ensure_dataset(cache / "dataset")
