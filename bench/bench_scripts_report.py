@@ -1,0 +1,166 @@
+"""bench_scripts.py's output: the table (runs of one script and setting pooled), the machine description and
+docs/BENCHMARKS.md."""
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+
+GIB = 2**30
+TARGET_RATIO = 1.05  # issue 16: a step costs at most 1.05x the bare forward+backward+optimizer step
+
+
+@dataclass
+class Row:
+    """The runs of one script and setting, pooled: medians over every run's steps 2..N and bare iterations."""
+
+    script: str
+    config: str
+    runs: list  # ChildResult dicts
+
+    @property
+    def step_s(self) -> float:
+        return statistics.median(s for r in self.runs for s in r["step_s"])
+
+    @property
+    def bare_s(self) -> float:
+        return statistics.median(s for r in self.runs for s in r["bare_s"])
+
+    @property
+    def ratio(self) -> float:
+        return self.step_s / self.bare_s
+
+    @property
+    def setup_s(self) -> float:
+        return statistics.median(r["setup_s"] for r in self.runs)
+
+    def peak(self, key: str) -> float:
+        return max(r[key] for r in self.runs) / GIB
+
+    def cuda_peak(self, key: str) -> float | None:
+        values = [r["cuda"][key] for r in self.runs if key in r["cuda"]]
+        return max(values) / GIB if values else None
+
+
+def table(rows: list[Row]) -> str:
+    """A Markdown table (also readable as plain text)."""
+    cuda = any(r.cuda_peak("steps_allocated") is not None for r in rows)
+    header = ["script", "config", "runs", "s/step", "bare s/step", "ratio", "setup s", "peak RSS steps GiB",
+              "peak RSS GiB"] + (["peak VRAM steps GiB (alloc/reserved)"] if cuda else [])
+    lines = [header]
+    for r in rows:
+        cells = [r.script, r.config, str(len(r.runs)), f"{r.step_s:.3f}", f"{r.bare_s:.3f}", f"{r.ratio:.3f}",
+                 f"{r.setup_s:.1f}", f"{r.peak('peak_rss_steps'):.2f}", f"{r.peak('peak_rss'):.2f}"]
+        if cuda:
+            alloc, reserved = r.cuda_peak("steps_allocated"), r.cuda_peak("steps_reserved")
+            cells.append(f"{alloc:.2f} / {reserved:.2f}" if alloc is not None else "-")
+        lines.append(cells)
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    text = ["| " + " | ".join(cell.ljust(w) for cell, w in zip(line, widths)) + " |" for line in lines]
+    text.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    return "\n".join(text)
+
+
+def raw_lines(rows: list[Row]) -> list[str]:
+    """Every run's step and bare times, as measured."""
+    out = []
+    for row in rows:
+        for index, run in enumerate(row.runs, 1):
+            steps = ", ".join(f"{s:.3f}" for s in run["step_s"])
+            bare = ", ".join(f"{s:.3f}" for s in run["bare_s"])
+            out.append(f"- {row.script} {row.config} run {index}: steps {_numbers(run['timed_steps'])}: {steps} s; "
+                       f"step 1 {run['step1_s']:.3f} s; bare: {bare} s; setup {run['setup_s']:.1f} s; "
+                       f"main {run['main_s']:.1f} s; ru_maxrss {run['ru_maxrss'] / GIB:.2f} GiB")
+    return out
+
+
+def _numbers(steps: list[int]) -> str:
+    """2..8, or the list when a step is missing (the profiled one)."""
+    if steps == list(range(steps[0], steps[-1] + 1)):
+        return f"{steps[0]}..{steps[-1]}"
+    return ",".join(map(str, steps))
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine(load_at_start: tuple[float, float, float], results: list[dict]) -> list[str]:
+    """What the numbers were taken on."""
+    import psutil
+
+    first = results[0] if results else {}
+    bf16 = "yes" if first.get("cpu_bf16_kernels") else "no (bf16 runs on the CPU fall back to slow convolutions)"
+    gpus = sorted({r["device_name"] for r in results if r["device"].startswith("cuda")})
+    lines = [
+        f"- date: {datetime.datetime.now().astimezone().strftime('%Y-%m-%d %H:%M %Z')}",
+        f"- CPU: {_cpu_model()}, {os.cpu_count()} logical cores; RAM {psutil.virtual_memory().total / GIB:.1f} GiB",
+        f"- GPU: {', '.join(gpus)}" if gpus else "- GPU: none used",
+        f"- oneDNN bf16 kernels for this CPU: {bf16}",
+        f"- torch {first.get('torch_version', '?')}, Python {platform.python_version()}, "
+        f"{first.get('threads', '?')} torch thread(s) in the runs (train.num_threads)",
+        f"- load average when the benchmark started: {', '.join(f'{x:.2f}' for x in load_at_start)} (1, 5, 15 min)",
+    ]
+    return lines
+
+
+def docs_text(command: str, setting: list[str], rows: list[Row], machine_lines: list[str]) -> str:
+    return "\n".join([
+        "# Benchmarks: the training scripts as users run them",
+        "",
+        "Generated by `bench/bench_scripts.py`; bench/README.md (section `bench_scripts.py`) says how each number "
+        "is measured. Do not edit by hand: run the command again.",
+        "",
+        "```",
+        command,
+        "```",
+        "",
+        "## Machine",
+        "",
+        *machine_lines,
+        "",
+        "## Setting",
+        "",
+        *[f"- {line}" for line in setting],
+        "",
+        "## Results",
+        "",
+        table(rows),
+        "",
+        f"`ratio` = s/step ÷ bare s/step; the issue's target is at most {TARGET_RATIO:.2f}.",
+        "",
+        "## Every run",
+        "",
+        *raw_lines(rows),
+        "",
+        *_profiles(rows),
+    ])
+
+
+def _profiles(rows: list[Row]) -> list[str]:
+    """The --profile output of each run that has one."""
+    from bench_scripts_profile import format_profile
+
+    out = []
+    for row in rows:
+        for index, run in enumerate(row.runs, 1):
+            if run.get("profile"):
+                out += [f"## Profile: {row.script} {row.config} run {index}", "", "```",
+                        format_profile(run["profile"]), "```", ""]
+    return out
+
+
+def write_docs(path: Path, text: str) -> None:
+    from library.atomic import write_text_atomically
+
+    write_text_atomically(path, text)
