@@ -30,7 +30,7 @@ for folder in (BENCH, REPO):  # the sibling modules, and `library`
 from bench_scripts_inputs import (  # noqa: E402
     CACHE, MODEL_NAME, SCRIPTS, TINY_MODEL, BenchConfig, ensure_dataset, ensure_model_file, write_config)
 
-LORA_CONFIGS = ("256-fp32", "256-fp32-gc", "256-bf16", "512-bf16", "512-fp32")
+LORA_CONFIGS = ("256-fp32", "256-fp32-gc", "256-fp32-cl", "256-bf16", "512-bf16", "512-fp32")
 OTHER_CONFIGS = ("256-fp32",)  # textual inversion and DreamBooth, unless --configs says otherwise
 MODELS = {"sd15": "the full-size SD1.5 architecture as an fp32 single file, seeded random weights",
           "tiny": "the built-in tiny SD1.5"}
@@ -43,7 +43,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "(builtin:tiny-sd15), or any model.path value (your own checkpoint)")
     parser.add_argument("--scripts", default="lora,ti,dreambooth", help="comma-separated from: lora, ti, dreambooth")
     parser.add_argument("--configs", default="",
-                        help="comma-separated RESOLUTION-PRECISION[-gc] (256-fp32, 512-bf16, 256-fp32-gc ...) for "
+                        help="comma-separated RESOLUTION-PRECISION[-gc][-cl][-compile] (256-fp32, 512-bf16, 256-fp32-gc ...) for "
                              f"every script; default: {','.join(LORA_CONFIGS)} for lora, "
                              f"{','.join(OTHER_CONFIGS)} for ti and dreambooth")
     parser.add_argument("--runs", type=int, default=1, help="processes per script and setting (pooled)")

@@ -140,29 +140,34 @@ def ensure_dataset(folder: Path) -> Path:
 
 @dataclass(frozen=True)
 class BenchConfig:
-    """One measured setting: resolution, precision ("fp32" = train.mixed_precision "no") and checkpointing."""
+    """One measured setting: resolution, precision ("fp32" = train.mixed_precision "no"), gradient
+    checkpointing, channels-last and torch.compile of the UNet."""
 
     resolution: int
     precision: str
     checkpointing: bool = False
+    channels_last: bool = False
+    compile: bool = False
 
     @property
     def label(self) -> str:
-        return f"{self.resolution}-{self.precision}" + ("-gc" if self.checkpointing else "")
+        flags = (("gc", self.checkpointing), ("cl", self.channels_last), ("compile", self.compile))
+        return f"{self.resolution}-{self.precision}" + "".join(f"-{name}" for name, on in flags if on)
 
     @classmethod
     def parse(cls, text: str) -> "BenchConfig":
-        """"256-fp32", "512-bf16", "256-fp32-gc" (gradient checkpointing); ValueError naming the problem."""
+        """"256-fp32", "512-bf16", "256-fp32-gc" (gradient checkpointing), "-cl" (train.channels_last),
+        "-compile" (train.torch_compile), in any combination; ValueError naming the problem."""
         parts = text.strip().lower().split("-")
-        checkpointing = parts[-1] == "gc"
-        if checkpointing:
-            parts = parts[:-1]
-        if len(parts) != 2 or not parts[0].isdigit() or parts[1] not in ("fp32", "bf16", "fp16"):
-            raise ValueError(f"{text!r}: write RESOLUTION-PRECISION[-gc], e.g. 256-fp32, 512-bf16, 256-fp32-gc")
+        flags = {name: name in parts[2:] for name in ("gc", "cl", "compile")}
+        unknown = [part for part in parts[2:] if part not in flags]
+        if unknown or len(parts) < 2 or not parts[0].isdigit() or parts[1] not in ("fp32", "bf16", "fp16"):
+            raise ValueError(f"{text!r}: write RESOLUTION-PRECISION[-gc][-cl][-compile], e.g. 256-fp32, 512-bf16, "
+                             "256-fp32-gc")
         resolution = int(parts[0])
         if resolution < 64 or resolution % 64:
             raise ValueError(f"{text!r}: the resolution must be a multiple of 64")
-        return cls(resolution, parts[1], checkpointing)
+        return cls(resolution, parts[1], flags["gc"], flags["cl"], flags["compile"])
 
 
 SCRIPTS = {"lora": "train_lora", "ti": "train_textual_inversion", "dreambooth": "train_dreambooth"}
@@ -215,6 +220,8 @@ max_steps = {steps}
 batch_size = 1
 mixed_precision = "{mixed}"
 gradient_checkpointing = {str(setting.checkpointing).lower()}
+channels_last = {str(setting.channels_last).lower()}
+torch_compile = {str(setting.compile).lower()}
 attention = "sdpa"
 num_threads = {threads}
 device = "{device}"

@@ -190,6 +190,10 @@ class TrainSection(Section):
     full_fp16: bool = False
     max_token_length: Literal[75, 150, 225] = 75  # caption tokens the text encoder reads (sd-scripts' option)
     attention: Literal["auto", "sdpa", "xformers"] = "auto"
+    # speed options, off by default (each measured both ways in docs/BENCHMARKS.md)
+    channels_last: bool = False  # the UNet's convolutions in channels-last memory layout
+    torch_compile: bool = False  # torch.compile the UNet (sd-scripts' --torch_compile)
+    dynamo_backend: Literal["inductor", "aot_eager", "eager", "cudagraphs"] = "inductor"  # for torch_compile
     device: str = "auto"  # "auto", "cpu", "cuda", "cuda:N" (GPU number N) or "mps"
     num_threads: int = Field(0, ge=0)  # 0 = torch default
     nan_policy: Literal["stop", "skip"] = "stop"  # a NaN/inf loss stops the run, or skips its batch

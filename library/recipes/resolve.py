@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import tempfile
 from pathlib import Path
 
 from library.config.options import subset_mask_mode
@@ -96,9 +97,9 @@ def check_writable(folder: Path, key: str) -> None:
     """Fail now, not after the model loaded, when an output folder cannot be created or written."""
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / ".kiln-write-test"
-        probe.write_bytes(b"")
-        probe.unlink()
+        # a name of its own: the processes of a data-parallel run check the same folders at the same time
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".kiln-write-test-"):
+            pass
     except OSError as err:
         raise ValueError(f"{key}: cannot write to {folder} ({err.strerror or err}); choose another folder") from None
 

@@ -230,10 +230,13 @@ def _run(recipe: "Recipe", argv: list[str] | None, description: str) -> int:
     quiet_unless_main(launch_info())  # after parsing: --help and usage errors print in every process
     try:
         return _train_run(recipe, args, argv)
-    except UserError:
+    except UserError as err:
         if launch_info().is_main:
             raise
-        raise SystemExit(2) from None  # the main process says what went wrong; the same happens to it
+        # the main process says what went wrong when the same happens to it; a problem of this process alone
+        # (its own files, its GPU) must still be seen: one line on the real stderr, naming the process
+        print(f"error (process {launch_info().rank}): {err}".splitlines()[0], file=sys.__stderr__, flush=True)
+        raise SystemExit(2) from None
 
 
 def _train_run(recipe: "Recipe", args: argparse.Namespace, argv: list[str] | None) -> int:

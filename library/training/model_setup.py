@@ -35,12 +35,35 @@ def place_models(run: ResolvedRun, parts: ModelParts, trainable: Trainable, devi
     for param in trained:  # tensors outside the models too
         param.data = param.data.to(device=device, dtype=run.trained_dtype)
     print(select_attention([parts.unet], train.attention, device))
+    if device.type == "cpu" and torch.bfloat16 in (run.weight_dtype, run.trained_dtype) and not _cpu_has_bf16():
+        print("note: this CPU has no native bf16 kernels (no AVX-512 BF16/AMX): bf16 convolutions take a slow path "
+              "and can be many times slower than fp32 here; train.mixed_precision = \"no\" is faster on it")
     if train.gradient_checkpointing:
         parts.unet.enable_gradient_checkpointing()
         if trainable.trains_text_encoder:
             for encoder in parts.text_encoders:  # transformers 5 renamed the method; 4.x keeps the old one
                 getattr(encoder, "activation_checkpointing_enable", encoder.gradient_checkpointing_enable)()
     parts.vae.requires_grad_(False)
+    _speed_options(train, parts.unet)
+
+
+def _speed_options(train, unet: torch.nn.Module) -> None:
+    """train.channels_last and train.torch_compile, applied in place so module names (and so saved keys) stay."""
+    if train.channels_last:
+        torch.nn.Module.to(unet, memory_format=torch.channels_last)
+        print("UNet: channels-last memory layout (train.channels_last)")
+    if train.torch_compile:
+        unet.compile(backend=train.dynamo_backend)
+        print(f"UNet: torch.compile with the {train.dynamo_backend} backend (train.torch_compile); the first step "
+              "compiles it and takes minutes, each new bucket size compiles again")
+
+
+def _cpu_has_bf16() -> bool:
+    """Whether oneDNN has bf16 kernels for this CPU (PyTorch's own check; private, hence the fallback)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return True  # unknown: say nothing
 
 
 def release_vae(run: ResolvedRun, parts: ModelParts, trainable: Trainable, keep: bool) -> None:

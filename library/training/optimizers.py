@@ -86,6 +86,16 @@ def _prepare_kwargs(name: str, args: dict) -> dict:
     return kwargs
 
 
+def _prefer_foreach(cls: type, kwargs: dict) -> None:
+    """PyTorch's own optimizers step every tensor of a group in one batched (foreach) call instead of a Python
+    loop over hundreds of LoRA tensors, unless optimizer.args chose foreach or fused itself. PyTorch picks foreach
+    only on GPUs by default; on the CPU it gives bit-identical results (tests/training/test_optimizers.py), about
+    40 % faster there. `fused = true` is faster still but rounds differently, so it stays the user's choice."""
+    params = inspect.signature(cls.__init__).parameters
+    if "foreach" in params and "foreach" not in kwargs and not kwargs.get("fused"):
+        kwargs["foreach"] = True
+
+
 def _check_arg_names(name: str, cls: type, kwargs: dict) -> None:
     params = inspect.signature(cls.__init__).parameters
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
@@ -161,6 +171,7 @@ def build_optimizer(name: str, param_groups: list[dict], lr: float | None, args:
     kwargs = _prepare_kwargs(canonical, args)
     cls = _optimizer_class(canonical)
     _check_arg_names(canonical, cls, kwargs)
+    _prefer_foreach(cls, kwargs)
     groups = [dict(group) for group in param_groups]
     if canonical in _ADAPTIVE_LR:
         _check_adaptive_lr(canonical, groups, lr)

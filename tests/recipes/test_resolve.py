@@ -89,3 +89,15 @@ def test_paths_resolve_beside_the_config_when_not_found_here(tmp_path, monkeypat
     monkeypatch.chdir(Path("/"))
     config, _ = resolved_run(LORA, tmp_path, '[network]\ninit_weights = "init.safetensors"\n')
     assert Path(config.network.init_weights) == tmp_path / "init.safetensors"
+
+
+def test_processes_checking_one_output_folder_at_once_do_not_trip_over_each_other(tmp_path):
+    """The processes of a data-parallel run check the same folders at the same moment (a shared probe file name
+    once made one of them fail, at random)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from library.recipes.resolve import check_writable
+
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda _: [check_writable(tmp_path / "out", "save.output_dir") for _ in range(50)], range(8)))
+    assert list((tmp_path / "out").iterdir()) == []  # no probe left behind

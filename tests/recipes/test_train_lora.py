@@ -170,3 +170,33 @@ def test_epoch_saves_are_named_and_pruned(tmp_path):
     assert run(path, "train.max_steps=40", "train.batch_size=6", "save.every_n_epochs=1", "save.keep_last=2") == 0
     names = sorted(p.name for p in (tmp_path / "out").iterdir())
     assert names == ["t-000002.safetensors", "t-000003.safetensors", "t.run.json", "t.safetensors"]
+
+
+def test_batched_optimizer_steps_train_the_same_file_as_a_loop_and_fused_trains_too(tmp_path):
+    assert run(config_text(tmp_path)) == 0  # AdamW, foreach by default
+    batched = load_file(str(tmp_path / "out" / "t.safetensors"))
+    shutil.rmtree(tmp_path / "out")
+    assert run(config_text(tmp_path), "optimizer.args={foreach=false}") == 0
+    looped = load_file(str(tmp_path / "out" / "t.safetensors"))
+    assert all(torch.equal(batched[key], looped[key]) for key in batched)
+    shutil.rmtree(tmp_path / "out")
+    assert run(config_text(tmp_path), "optimizer.args={fused=true}") == 0
+    fused = load_file(str(tmp_path / "out" / "t.safetensors"))
+    assert max((fused[k].float() - batched[k].float()).abs().max().item() for k in fused) < 1e-3
+
+
+@pytest.mark.parametrize("option", ["train.channels_last=true", "train.torch_compile=true"])
+def test_speed_options_train_the_same_file(tmp_path, option, capsys):
+    from torch._dynamo.utils import counters
+
+    assert run(config_text(tmp_path)) == 0
+    plain = load_file(str(tmp_path / "out" / "t.safetensors"))
+    shutil.rmtree(tmp_path / "out")
+    counters.clear()
+    # the eager backend runs dynamo's capture of the UNet (with its LoRA layers) without minutes of C++ codegen
+    assert run(config_text(tmp_path), option, 'train.dynamo_backend="eager"') == 0
+    said = "UNet: channels-last" if "channels" in option else "UNet: torch.compile with the eager backend"
+    assert said in capsys.readouterr().out
+    if "compile" in option:
+        assert counters["stats"]["unique_graphs"] > 0  # the UNet's forward really went through dynamo
+    assert_same(plain, load_file(str(tmp_path / "out" / "t.safetensors")))

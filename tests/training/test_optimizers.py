@@ -216,3 +216,24 @@ def test_adafactor_warmup_init_needs_relative_step():
 def test_missing_lr_is_reported():
     with pytest.raises(OptimizerError, match="AdamW: optimizer.lr is not set"):
         build_optimizer("AdamW", [{"params": [torch.nn.Parameter(torch.zeros(2))]}], None, {})
+
+
+def test_torch_optimizers_step_every_tensor_at_once_with_the_same_result_as_a_loop():
+    def steps(args: dict) -> tuple[list[torch.Tensor], torch.optim.Optimizer]:
+        params = [torch.nn.Parameter(torch.full((4, 3), float(i))) for i in range(6)]
+        optimizer = build_optimizer("AdamW", [{"params": params, "name": "unet"}], 1e-2, args)
+        generator = torch.Generator().manual_seed(0)
+        for _ in range(4):
+            for param in params:
+                param.grad = torch.randn(param.shape, generator=generator)
+            optimizer.step()
+        return params, optimizer
+
+    batched, optimizer = steps({})
+    assert optimizer.defaults["foreach"] is True
+    looped, _ = steps({"foreach": False})
+    assert all(torch.equal(a, b) for a, b in zip(batched, looped))
+    _, fused = steps({"fused": True})  # the user's choice: not combined with foreach, which torch refuses
+    assert fused.defaults["fused"] is True and not fused.defaults["foreach"]
+    adafactor = build_optimizer("Adafactor", [{"params": [torch.nn.Parameter(torch.ones(2))]}], 1e-3, {})
+    assert "foreach" not in adafactor.defaults  # only where the optimizer takes it
