@@ -8,6 +8,8 @@ import json
 import tempfile
 from pathlib import Path
 
+import torch
+
 from library.config.options import subset_mask_mode
 from library.config.schema import DatasetSection, RunConfig, SubsetSection
 from library.data.batches import SubsetData, TrainingData
@@ -22,7 +24,7 @@ from library.data.latent_cache import default_cache_dir
 from library.data.masks import MaskSpec, mask_specs
 from library.models.dtypes import PartDtypes
 from library.recipes.base import Recipe
-from library.training.device import SAVE_DTYPES, WEIGHT_DTYPES, resolve_device
+from library.training.device import SAVE_DTYPES, WEIGHT_DTYPES, cpu_has_bf16, resolve_device
 from library.training.launch import launch_info
 from library.training.plan import FolderCount, make_plan
 from library.training.precision import trained_dtype
@@ -241,7 +243,10 @@ def part_dtypes(config: RunConfig, recipe: Recipe) -> PartDtypes:
     """The dtype each part of the base model loads and stays in: frozen weights in train.mixed_precision's
     compute dtype, what the recipe trains (and the VAE of a saved whole model) in fp32."""
     full_precision = recipe.trained_parts(config) | ({"vae"} if recipe.saves_base_model else set())
-    return PartDtypes.for_run(WEIGHT_DTYPES[config.train.mixed_precision], full_precision)
+    weight_dtype = WEIGHT_DTYPES[config.train.mixed_precision]
+    if weight_dtype == torch.bfloat16 and resolve_device(config.train.device).type == "cpu" and not cpu_has_bf16():
+        full_precision |= {"vae"}  # its bf16 encode would take minutes per image there (training/device.py)
+    return PartDtypes.for_run(weight_dtype, full_precision)
 
 
 def resolve(config: RunConfig, recipe: Recipe) -> ResolvedRun:

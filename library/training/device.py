@@ -21,6 +21,16 @@ def resolve_device(requested: str) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def cpu_has_bf16() -> bool:
+    """Whether oneDNN has bf16 kernels for this CPU (AVX-512 BF16 / AMX). Without them bf16 convolutions take a
+    fallback path hundreds of times slower than fp32 (an SD1.5 VAE encode: 890 s against 1.7 s per image at
+    256 px on an AVX2 EPYC). PyTorch's own check is private, hence the fallback."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return True  # unknown: assume it has them
+
+
 def use_device(device: torch.device) -> None:
     """Make a numbered GPU (train.device = "cuda:N") the current one, so that "cuda" means it everywhere —
     accelerate places the optimizer state on "cuda" — before anything is put on it."""

@@ -9,6 +9,7 @@ from library.errors import UserError
 from library.models.attention import select_attention
 from library.models.parts import ModelParts
 from library.registry import canonical_optimizer_name
+from library.training.device import cpu_has_bf16
 from library.training.optimizers import uses_relative_step
 from library.training.resolved import ResolvedRun
 from library.training.trainable import Trainable
@@ -35,9 +36,10 @@ def place_models(run: ResolvedRun, parts: ModelParts, trainable: Trainable, devi
     for param in trained:  # tensors outside the models too
         param.data = param.data.to(device=device, dtype=run.trained_dtype)
     print(select_attention([parts.unet], train.attention, device))
-    if device.type == "cpu" and torch.bfloat16 in (run.weight_dtype, run.trained_dtype) and not _cpu_has_bf16():
+    if device.type == "cpu" and torch.bfloat16 in (run.weight_dtype, run.trained_dtype) and not cpu_has_bf16():
         print("note: this CPU has no native bf16 kernels (no AVX-512 BF16/AMX): bf16 convolutions take a slow path "
-              "and can be many times slower than fp32 here; train.mixed_precision = \"no\" is faster on it")
+              "and can be many times slower than fp32 here (the VAE encodes in fp32 for that reason); "
+              "train.mixed_precision = \"no\" is faster on it")
     if train.gradient_checkpointing:
         parts.unet.enable_gradient_checkpointing()
         if trainable.trains_text_encoder:
@@ -56,14 +58,6 @@ def _speed_options(train, unet: torch.nn.Module) -> None:
         unet.compile(backend=train.dynamo_backend)
         print(f"UNet: torch.compile with the {train.dynamo_backend} backend (train.torch_compile); the first step "
               "compiles it and takes minutes, each new bucket size compiles again")
-
-
-def _cpu_has_bf16() -> bool:
-    """Whether oneDNN has bf16 kernels for this CPU (PyTorch's own check; private, hence the fallback)."""
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return True  # unknown: say nothing
 
 
 def release_vae(run: ResolvedRun, parts: ModelParts, trainable: Trainable, keep: bool) -> None:

@@ -30,14 +30,17 @@ def cache_entries(folder: Path) -> dict[Path, dict]:
 
 @pytest.fixture(scope="module")
 def fp32_and_bf16_runs(tmp_path_factory) -> dict:
-    """The same LoRA run in fp32, then in bf16, sharing one disk latent cache."""
+    """The same LoRA run in fp32, then in bf16, sharing one disk latent cache (as on a CPU with bf16 kernels;
+    without them the VAE stays fp32: test_a_cpu_without_bf16_kernels_keeps_the_vae_in_fp32)."""
     tmp = tmp_path_factory.mktemp("precision")
     config = write_run_config(tmp, LORA_BODY + "[train]\nmax_steps = 6\nbatch_size = 2\nseed = 7\n")
     cache = tmp / "cache"
     runs = {}
     for precision in ("no", "bf16"):
-        assert train_lora.main([str(config), f"train.mixed_precision={precision}", "dataset.cache_latents=disk",
-                                f"dataset.cache_dir={cache}", f"save.name=t_{precision}"]) == 0
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr("library.recipes.resolve.cpu_has_bf16", lambda: True)
+            assert train_lora.main([str(config), f"train.mixed_precision={precision}", "dataset.cache_latents=disk",
+                                    f"dataset.cache_dir={cache}", f"save.name=t_{precision}"]) == 0
         summary = json.loads((tmp / "out" / f"t_{precision}.run.json").read_text(encoding="utf-8"))
         runs[precision] = {"loss": summary["final_loss"], "cache": cache_entries(cache)}
     return runs
@@ -57,8 +60,17 @@ def test_a_bf16_run_encodes_latents_in_bf16_and_never_reuses_fp32_entries(fp32_a
     assert {meta["encode_dtype"] for meta in added.values()} == {"bfloat16"}
 
 
+def test_a_cpu_without_bf16_kernels_keeps_the_vae_in_fp32(tmp_path, monkeypatch, capsys):
+    """Without bf16 kernels a bf16 VAE encode takes minutes per image on the CPU: the VAE stays fp32 there."""
+    monkeypatch.setattr("library.recipes.resolve.cpu_has_bf16", lambda: False)
+    config = write_run_config(tmp_path, LORA_BODY + "[train]\nmax_steps = 1\nmixed_precision = \"bf16\"\n")
+    assert train_lora.main([str(config), "dataset.cache_latents=disk", f"dataset.cache_dir={tmp_path / 'c'}"]) == 0
+    assert "loaded as: UNet bf16, text encoder bf16, VAE fp32" in capsys.readouterr().out
+    assert all("encode_dtype" not in meta for meta in cache_entries(tmp_path / "c").values())  # fp32 entries
+
+
 def test_a_bf16_dreambooth_run_saves_the_vae_exactly_as_loaded(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr("library.training.model_setup._cpu_has_bf16", lambda: False)  # as on an AVX2-only CPU
+    monkeypatch.setattr("library.training.model_setup.cpu_has_bf16", lambda: False)  # as on an AVX2-only CPU
     config = write_run_config(tmp_path, "[dreambooth]\n[optimizer]\nlr = 1e-4\n[train]\nmax_steps = 1\n"
                                         "batch_size = 2\nseed = 3\n[save]\noutput_dir = \"{tmp}/out\"\nname = \"t\"\n"
                                         "precision = \"fp32\"\n")
