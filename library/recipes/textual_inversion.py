@@ -6,52 +6,33 @@ import dataclasses
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, model_validator
 
-from library.config.schema import RunConfig, Section, fill_defaults
+from library.config.schema import RunConfig, fill_defaults
 from library.data.captions import FILE_NAME
 from library.networks.embedding_names import name_problem
+from library.recipes.a1111_train import A1111LogKeys, A1111PromptKeys, prompt_rule_problems
 from library.recipes.base import Built, PlanChange, Recipe, model_family, value_of
 
 
-class EmbeddingSection(Section):
-    """What textual inversion trains: new token vectors, and how its prompts are built (A1111's Train tab)."""
+class EmbeddingSection(A1111PromptKeys):
+    """What textual inversion trains: new token vectors; how its prompts are built is A1111's Train tab's keys
+    (A1111PromptKeys: template, learn_rate, shuffle_tags, tag_dropout, latent_sampling_method, use_alpha_weight)."""
 
     name: str  # the trigger word; also the file name (A1111 reads the trigger from it)
     init_text: str = ""  # its token embeddings start the vectors; "" = zeros, as in A1111
     vectors: int = Field(1, ge=1, le=75)  # vectors per token: more capture more, but use up the 75-token prompt
-    template: str | list[str] = "subject_filewords"  # a built-in name, a .txt file, or the lines themselves
-    learn_rate: str = ""  # A1111 schedule "0.05:10, 0.02:20, 0.005"; "" = optimizer.lr + optimizer.scheduler
-    shuffle_tags: bool = False  # shuffle the [filewords] tags per step
-    tag_dropout: float = Field(0.0, ge=0, le=1)  # drop each [filewords] tag with this probability per step
-    latent_sampling_method: Literal["once", "deterministic", "random"] = "once"
-    use_alpha_weight: bool = False  # PNG transparency weighs the loss (images without alpha weigh 1)
     # "auto": A1111's .pt for SD 1.x/2.x, .safetensors for SDXL (.pt has no SDXL form)
     format: Literal["auto", "pt", "safetensors"] = "auto"
     resume: str = ""  # an embedding file (.pt/.safetensors/.png) to continue, with its .optim when present
     save_optimizer_state: bool = True  # write <file>.optim beside saved .pt files, for resume
 
-    @field_validator("learn_rate", mode="before")
-    @classmethod
-    def _rate_as_text(cls, value: Any) -> Any:
-        # `learn_rate = 0.005` (a TOML number, or a command-line override) means the one-rate schedule "0.005"
-        return str(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else value
 
-
-class TiLogSection(Section):
+class TiLogSection(A1111LogKeys):
     """A1111's log folder <logging.log_dir>/<date>/<name>/ (key names as in A1111's Train tab)."""
 
     save_embedding_every: int = Field(500, ge=0)  # embeddings/<name>-<step>.pt; 0 = off
-    create_image_every: int = Field(500, ge=0)  # images/<name>-<step>.png; 0 = off
     save_image_with_stored_embedding: bool = True  # image_embeddings/<name>-<step>.png with the PNG chunk
-    write_csv_every: int = Field(500, ge=0)  # textual_inversion_loss.csv; 0 = off
-    preview_prompt: str = ""  # "" = the step's first training prompt (A1111's default)
-    preview_negative_prompt: str = ""
-    preview_steps: int = Field(20, ge=1, le=150)
-    preview_cfg_scale: float = Field(7.0, ge=0)
-    preview_seed: int = -1  # -1 = a new seed per preview, derived from train.seed and the step
-    preview_width: int = Field(0, ge=0, multiple_of=8)  # 0 = dataset.resolution
-    preview_height: int = Field(0, ge=0, multiple_of=8)
 
 
 class TIRunConfig(RunConfig):
@@ -83,36 +64,19 @@ class TIRunConfig(RunConfig):
 
     @model_validator(mode="after")
     def _ti_rules(self) -> "TIRunConfig":
-        problems = _ti_dataset_problems(self)
+        problems = prompt_rule_problems(self, "embedding")
         if problem := name_problem(self.embedding.name):
             problems.append(problem)
-        opt = self.optimizer
-        if self.embedding.learn_rate.strip() and (opt.scheduler.strip().lower() != "constant" or opt.warmup_steps
-                                                  or opt.warmup_ratio):
-            problems.append("embedding.learn_rate sets the whole learning-rate schedule: remove "
-                            "optimizer.scheduler/warmup, or set embedding.learn_rate = \"\" to use them")
+        ds = self.dataset
+        if ds.reg_dir or any(subset.is_reg for subset in ds.subsets):
+            problems.append("textual inversion uses no regularisation images (the model does not change, so there "
+                            "is nothing to preserve): remove dataset.reg_dir and is_reg subsets")
+        if ds.cache_text_encoder_outputs and not (self.embedding.shuffle_tags or self.embedding.tag_dropout):
+            problems.append("textual inversion trains what the text encoder reads, so its outputs cannot be "
+                            "cached: set dataset.cache_text_encoder_outputs = false")
         if problems:
             raise ValueError("\n".join(problems))  # one bullet each
         return self
-
-
-def _ti_dataset_problems(config: TIRunConfig) -> list[str]:
-    ds, problems = config.dataset, []
-    for key, replacement in (("shuffle_caption", "embedding.shuffle_tags"),
-                             ("caption_tag_dropout_rate", "embedding.tag_dropout")):
-        if getattr(ds, key):
-            problems.append(f"textual inversion shuffles and drops [filewords] tags with {replacement} (A1111's "
-                            f"setting): set that instead of dataset.{key}")
-    if ds.reg_dir or any(subset.is_reg for subset in ds.subsets):
-        problems.append("textual inversion uses no regularisation images (the model does not change, so there "
-                        "is nothing to preserve): remove dataset.reg_dir and is_reg subsets")
-    if ds.cache_text_encoder_outputs:
-        problems.append("textual inversion trains what the text encoder reads, so its outputs cannot be "
-                        "cached: set dataset.cache_text_encoder_outputs = false")
-    if config.embedding.use_alpha_weight and ds.random_crop:
-        problems.append("embedding.use_alpha_weight needs the same crop for image and alpha: set "
-                        "dataset.random_crop = false")
-    return problems
 
 
 class TextualInversionRecipe(Recipe):
