@@ -71,8 +71,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.child or args.build_model:
         return args
     scripts = [s.strip() for s in args.scripts.split(",") if s.strip()]
-    if not scripts or (unknown := [s for s in scripts if s not in SCRIPTS]):
-        parser.error(f"--scripts: choose from {', '.join(SCRIPTS)} (got {args.scripts!r})")
+    unknown = [s for s in scripts if s not in SCRIPTS]
+    if not scripts or unknown:
+        parser.error(f"--scripts: {', '.join(unknown) or 'none given'}: choose from {', '.join(SCRIPTS)}")
     try:
         chosen = [BenchConfig.parse(c) for c in args.configs.split(",") if c.strip()]
     except ValueError as err:
@@ -93,9 +94,11 @@ def cpu_without_bf16(device: str) -> bool:
     then take a slow fallback, and an SD1.5 step at 256 px takes minutes instead of seconds."""
     import torch
 
+    from library.training.device import cpu_has_bf16  # the check the trainers print their note from
+
     if device == "cuda" or (device == "auto" and torch.cuda.is_available()):
         return False
-    return not torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    return not cpu_has_bf16()
 
 
 def drop_slow_bf16(args: argparse.Namespace) -> None:

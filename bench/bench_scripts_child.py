@@ -302,6 +302,8 @@ def run_child(script: str, label: str, config: Path, result_file: Path, bare_ite
 
     view = run_view(capture.trainer)
     ends = capture.step_ends
+    from library.training.device import cpu_has_bf16
+
     bare = measure_bare(view, capture, bare_iterations)
     peak_steps = max(sampler.peak(ends[0], ends[-1]), *capture.step_rss[1:])
     durations = {step: b - a for step, (a, b) in enumerate(zip(ends, ends[1:]), start=2)}
@@ -314,7 +316,7 @@ def run_child(script: str, label: str, config: Path, result_file: Path, bare_ite
         peak_rss_steps=peak_steps, peak_rss=max(sampler.peak(), *capture.step_rss),
         ru_maxrss=_ru_maxrss(), cuda=capture.cuda_peaks, main_s=main_s,
         device_name=torch.cuda.get_device_name(view.device) if view.device.type == "cuda" else "cpu",
-        cpu_bf16_kernels=bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()),
+        cpu_bf16_kernels=cpu_has_bf16(),
         profile=profiler.summary() if profiler else None)
     temporary = result_file.with_name(f".{result_file.name}.tmp-{os.getpid()}")
     temporary.write_text(json.dumps(asdict(result)), encoding="utf-8")
