@@ -10,7 +10,7 @@ from library.models.attention import select_attention
 from library.models.parts import ModelParts
 from library.registry import canonical_optimizer_name
 from library.training.device import cpu_has_bf16
-from library.training.optimizers import uses_relative_step
+from library.training.optimizers import step_implementation, uses_relative_step
 from library.training.resolved import ResolvedRun
 from library.training.trainable import Trainable
 
@@ -72,11 +72,14 @@ def release_vae(run: ResolvedRun, parts: ModelParts, trainable: Trainable, keep:
         parts.release_vae(keep_encoder=run.latent_mode == "disk")
 
 
-def optimizer_line(run: ResolvedRun, trainable: Trainable) -> str:
-    """What the run optimizes with, as it starts: optimizer and its args, schedule, rate per group."""
+def optimizer_line(run: ResolvedRun, trainable: Trainable, optimizer: torch.optim.Optimizer) -> str:
+    """What the run optimizes with, as it starts: optimizer, its args and step implementation, schedule, rate
+    per group."""
     opt = run.config.optimizer
     args = ", ".join(f"{key}={value}" for key, value in opt.args.items())
     name = f"{canonical_optimizer_name(opt.name)}({args})" if args else canonical_optimizer_name(opt.name)
+    if implementation := step_implementation(optimizer):
+        name += f" ({implementation} step)"
     if run.lr_schedule is not None:
         schedule = f"A1111 schedule {run.lr_schedule!r}"
     elif uses_relative_step(opt.name, opt.args):

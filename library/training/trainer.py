@@ -106,7 +106,7 @@ class Trainer:
             for group, name in zip(optimizer.param_groups, names):
                 group["name"] = name  # a state written by another tool (A1111) has no group names
         scheduler = self._schedule(optimizer)
-        print(optimizer_line(self.run, self.trainable))
+        print(optimizer_line(self.run, self.trainable, optimizer))
         fused = FusedBackward(optimizer, opt.max_grad_norm) if opt.fused_backward_pass else None
         optimizer = accelerator.prepare(optimizer)
         if train.full_fp16 and accelerator.scaler is not None:

@@ -9,7 +9,7 @@ import torch
 
 from library.training import optimizers
 from library.registry import OPTIMIZER_NAMES, OptimizerError, canonical_optimizer_name, optimizer_name_problem
-from library.training.optimizers import build_optimizer, uses_relative_step
+from library.training.optimizers import build_optimizer, step_implementation, uses_relative_step
 from library.training.schedules import build_scheduler, current_lrs
 
 BNB_HINT = "use AdamW, or install CUDA bitsandbytes (requirements-gpu.txt)"
@@ -218,22 +218,29 @@ def test_missing_lr_is_reported():
         build_optimizer("AdamW", [{"params": [torch.nn.Parameter(torch.zeros(2))]}], None, {})
 
 
-def test_torch_optimizers_step_every_tensor_at_once_with_the_same_result_as_a_loop():
-    def steps(args: dict) -> tuple[list[torch.Tensor], torch.optim.Optimizer]:
-        params = [torch.nn.Parameter(torch.full((4, 3), float(i))) for i in range(6)]
-        optimizer = build_optimizer("AdamW", [{"params": params, "name": "unet"}], 1e-2, args)
+def test_adamw_steps_fused_by_default_and_foreach_is_the_loop_batched():
+    def steps(args: dict, device: str = "cpu") -> tuple[list[torch.Tensor], torch.optim.Optimizer]:
+        params = [torch.nn.Parameter(torch.full((4, 3), float(i), device=device)) for i in range(6)]
+        optimizer = build_optimizer("AdamW", [{"params": (p for p in params), "name": "unet"}], 1e-2, args)
         generator = torch.Generator().manual_seed(0)
         for _ in range(4):
             for param in params:
-                param.grad = torch.randn(param.shape, generator=generator)
+                param.grad = torch.randn(param.shape, generator=generator).to(device)
             optimizer.step()
         return params, optimizer
 
-    batched, optimizer = steps({})
-    assert optimizer.defaults["foreach"] is True
-    looped, _ = steps({"foreach": False})
+    fused, optimizer = steps({})  # the params come as a generator: the device check must not use them up
+    assert optimizer.defaults["fused"] is True and not optimizer.defaults["foreach"]
+    assert step_implementation(optimizer) == "fused"
+    batched, optimizer = steps({"foreach": True})
+    assert step_implementation(optimizer) == "foreach"
+    looped, optimizer = steps({"foreach": False})
+    assert step_implementation(optimizer) == ""
     assert all(torch.equal(a, b) for a, b in zip(batched, looped))
-    _, fused = steps({"fused": True})  # the user's choice: not combined with foreach, which torch refuses
-    assert fused.defaults["fused"] is True and not fused.defaults["foreach"]
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(fused, looped))
+    _, meta = steps({}, device="meta")  # a device without fused kernels: the batched foreach step
+    assert meta.defaults["foreach"] is True and not meta.defaults.get("fused")
+    sgd = build_optimizer("SGDNesterov", [{"params": [torch.nn.Parameter(torch.ones(2))]}], 1e-3, {})
+    assert step_implementation(sgd) == "foreach"
     adafactor = build_optimizer("Adafactor", [{"params": [torch.nn.Parameter(torch.ones(2))]}], 1e-3, {})
-    assert "foreach" not in adafactor.defaults  # only where the optimizer takes it
+    assert "foreach" not in adafactor.defaults and step_implementation(adafactor) == ""
