@@ -60,6 +60,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="write the results to docs/BENCHMARKS.md (or PATH)")
     parser.add_argument("--cache", default=str(CACHE), metavar="DIR",
                         help=f"where the SD1.5 file ({MODEL_NAME}) and the dataset are kept (default bench/.cache)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
+                        help="a config override every run gets, as on the scripts' own command line "
+                             "(optimizer.max_grad_norm=0, dataset.cache_text_encoder_outputs=true); repeatable")
     parser.add_argument("--verbose", action="store_true", help="show each run's own output as it runs")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--script", help=argparse.SUPPRESS)
@@ -133,7 +136,9 @@ def run_one(args: argparse.Namespace, script: str, setting: BenchConfig, model: 
     command = [sys.executable, str(BENCH / "bench_scripts.py"), "--child", "--script", SCRIPTS[script],
                "--label", setting.label, "--config", str(config), "--result-file", str(result_file),
                "--bare-iters", str(args.bare_iters)] + (["--profile"] if args.profile else [])
-    print(f"{script} {setting.label} run {index}: python {SCRIPTS[script]}.py {config.name} ...", flush=True)
+    command += [f"--set={override}" for override in args.overrides]
+    print(f"{script} {setting.label} run {index}: python {SCRIPTS[script]}.py {config.name} "
+          f"{' '.join(args.overrides)}".rstrip() + " ...", flush=True)
     log = run_folder / "output.log"
     with open(log, "w", encoding="utf-8") as handle:
         out = None if args.verbose else handle
@@ -171,7 +176,7 @@ def setting_lines(args: argparse.Namespace, model: str) -> list[str]:
         f"train.max_steps = {args.steps}: s/step = median of steps 2..{timed_last} of every run; "
         f"bare = median of {args.bare_iters} iteration(s) after one warm-up; train.num_threads = {args.threads}; "
         f"train.device = {args.device}",
-    ]
+    ] + ([f"overrides on every run's command line: {' '.join(args.overrides)}"] if args.overrides else [])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -185,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
         from bench_scripts_child import run_child
 
         return run_child(args.script, args.label, Path(args.config), Path(args.result_file), args.bare_iters,
-                         args.profile)
+                         args.profile, args.overrides)
     from bench_scripts_report import Row, docs_text, machine, raw_lines, table, write_docs
 
     load = os.getloadavg()

@@ -274,8 +274,9 @@ class ChildResult:
 
 
 def run_child(script: str, label: str, config: Path, result_file: Path, bare_iterations: int,
-              profile: bool) -> int:
-    """Run `script`'s main on `config` in this process, then measure the bare cost; write the result JSON."""
+              profile: bool, overrides: list[str] = ()) -> int:
+    """Run `script`'s main on `config` (and the command line's KEY=VALUE `overrides`) in this process, then
+    measure the bare cost; write the result JSON."""
     clock = ProcessClock()
     sampler = RssSampler(clock)
     sampler.start()
@@ -287,7 +288,7 @@ def run_child(script: str, label: str, config: Path, result_file: Path, bare_ite
 
         profiler = StepProfiler(capture)
     module = importlib.import_module(script)
-    code = module.main([str(config)])
+    code = module.main([str(config), *overrides])
     main_s = clock.now()
     sampler.stop()
     for handle in capture.handles:

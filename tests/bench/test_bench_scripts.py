@@ -40,3 +40,15 @@ def test_tiny_lora_run_reports_step_time_bare_time_and_ratio(tmp_path):
     assert "## Machine" in written and "torch " in written and "| lora" in written
     assert _row(written, "lora")["s/step"] == row["s/step"]
     assert len(list((tmp_path / "cache" / "dataset" / "10_concept").glob("*.txt"))) == 8
+
+
+def test_set_overrides_reach_every_run_as_on_the_scripts_command_line(tmp_path):
+    command = [sys.executable, str(REPO / "bench" / "bench_scripts.py"), "--model", "tiny", "--scripts", "lora",
+               "--configs", "256-fp32", "--steps", "2", "--bare-iters", "1", "--threads", "1",
+               "--cache", str(tmp_path / "cache"), "--set", "optimizer.max_grad_norm=0",
+               "--set", "optimizer.max_grad_nrm=0"]
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    # the misspelt key reaches train_lora.py, which refuses it by name before any model loads
+    assert done.returncode != 0
+    assert "python train_lora.py lora-256-fp32.toml optimizer.max_grad_norm=0 optimizer.max_grad_nrm=0" in done.stdout
+    assert "max_grad_nrm" in done.stderr and "Traceback" not in done.stderr
