@@ -107,9 +107,11 @@ def _prefer_batched_step(cls: type, kwargs: dict, groups: list[dict]) -> None:
 
 
 def step_implementation(optimizer: torch.optim.Optimizer) -> str:
-    """"fused", "foreach" or "" (a per-tensor loop or a third-party optimizer), for the start-up line."""
-    defaults = getattr(optimizer, "defaults", {})
-    return "fused" if defaults.get("fused") else "foreach" if defaults.get("foreach") else ""
+    """"fused", "foreach" or "" (a per-tensor loop, a third-party optimizer, or groups that differ), for the
+    start-up line. Read from the groups, not the defaults: a resumed state brings its own groups' choice."""
+    kinds = {"fused" if group.get("fused") else "foreach" if group.get("foreach") else ""
+             for group in optimizer.param_groups}
+    return kinds.pop() if len(kinds) == 1 else ""
 
 
 def _check_arg_names(name: str, cls: type, kwargs: dict) -> None:

@@ -244,3 +244,13 @@ def test_adamw_steps_fused_by_default_and_foreach_is_the_loop_batched():
     assert step_implementation(sgd) == "foreach"
     adafactor = build_optimizer("Adafactor", [{"params": [torch.nn.Parameter(torch.ones(2))]}], 1e-3, {})
     assert "foreach" not in adafactor.defaults and step_implementation(adafactor) == ""
+
+def test_a_resumed_state_keeps_the_step_it_was_saved_with_and_the_start_up_line_says_so():
+    def adamw(args: dict) -> torch.optim.Optimizer:
+        return build_optimizer("AdamW", [{"params": [torch.nn.Parameter(torch.ones(3))], "name": "unet"}], 1e-3, args)
+
+    saved_by_foreach = adamw({"foreach": True}).state_dict()  # a state from before fused was the default
+    resumed = adamw({})
+    assert step_implementation(resumed) == "fused"
+    resumed.load_state_dict(saved_by_foreach)
+    assert step_implementation(resumed) == "foreach"  # the groups decide how torch steps, not the defaults
