@@ -189,6 +189,30 @@ def test_adamw_steps_fused_by_default_and_foreach_and_loop_train_the_same_file(t
     assert any(not torch.equal(fused[k], batched[k]) for k in fused)
 
 
+@pytest.mark.parametrize("user_env", [None, "1"])
+def test_inductor_on_the_cpu_compiles_without_its_layout_optimization_unless_the_user_set_it(
+        tmp_path, monkeypatch, capsys, user_env):
+    import torch._inductor.config as inductor_config
+
+    if user_env is None:
+        monkeypatch.delenv("TORCHINDUCTOR_LAYOUT_OPTIMIZATION", raising=False)
+    else:
+        monkeypatch.setenv("TORCHINDUCTOR_LAYOUT_OPTIMIZATION", user_env)
+    compiled = []
+    # inductor's C++ codegen takes minutes; what matters here is the setting in force when the UNet compiles
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda module, **kw: compiled.append(kw["backend"]))
+    with inductor_config.patch(layout_optimization=True):  # inductor's default; the patch restores it after
+        assert run(config_text(tmp_path), "train.torch_compile=true", "train.max_steps=1") == 0
+        in_force = inductor_config.layout_optimization
+    out = capsys.readouterr().out
+    assert compiled == ["inductor"]
+    said = "UNet: inductor's layout optimization off on the CPU"
+    if user_env is None:
+        assert said in out and in_force is False
+    else:
+        assert said not in out and in_force is True
+
+
 @pytest.mark.parametrize("option", ["train.channels_last=true", "train.torch_compile=true"])
 def test_speed_options_train_the_same_file(tmp_path, option, capsys):
     from torch._dynamo.utils import counters
