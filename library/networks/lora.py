@@ -14,16 +14,19 @@ from peft.tuners.lora import LoraLayer
 from torch import nn
 
 from library.networks.base import NetworkKind, NetworkSpec, Target
+from library.networks.lora_forward import use_lean_forward
 
 ADAPTER = "kiln"
 
 
 def add_lora(model: nn.Module, targets: list[Target], spec: NetworkSpec) -> None:
-    """Inject LoRA layers (peft) into `model`; only their weights are left trainable."""
+    """Inject LoRA layers (peft) into `model`, with the lean forward (lora_forward.py); only their weights are left
+    trainable."""
     ranks, alphas = spec.rank_patterns(targets)
     config = LoraConfig(r=spec.rank, lora_alpha=spec.alpha, lora_dropout=spec.dropout,
                         target_modules=[t.path for t in targets], rank_pattern=ranks, alpha_pattern=alphas)
     inject_adapter_in_model(config, model, adapter_name=ADAPTER)
+    use_lean_forward(model)
     if spec.rank_dropout or spec.module_dropout:
         add_lora_dropouts(model, spec.rank_dropout, spec.module_dropout)
 
