@@ -14,13 +14,13 @@ from peft.tuners.lora import LoraLayer
 from torch import nn
 
 from library.networks.base import NetworkKind, NetworkSpec, Target
-from library.networks.lora_forward import use_lean_forward
+from library.networks.lean_forward import use_lean_forward
 
 ADAPTER = "kiln"
 
 
 def add_lora(model: nn.Module, targets: list[Target], spec: NetworkSpec) -> None:
-    """Inject LoRA layers (peft) into `model`, with the lean forward (lora_forward.py); only their weights are left
+    """Inject LoRA layers (peft) into `model`, with the lean forward (lean_forward.py); only their weights are left
     trainable."""
     ranks, alphas = spec.rank_patterns(targets)
     config = LoraConfig(r=spec.rank, lora_alpha=spec.alpha, lora_dropout=spec.dropout,

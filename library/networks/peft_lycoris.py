@@ -18,6 +18,7 @@ from torch import nn
 
 from library.networks.base import NetworkSpec, Target
 from library.networks.lora import ADAPTER
+from library.networks.lean_forward import use_lean_forward
 
 # The scale A1111/ComfyUI give a module of a file (tensors, module name) → alpha / rank, or 1 without either.
 FileScale = Callable[[dict[str, torch.Tensor], str], float]
@@ -30,6 +31,7 @@ def inject_lycoris(config_class: type[LycorisConfig], model: nn.Module, targets:
     config = config_class(r=spec.rank, alpha=spec.alpha, target_modules=[t.path for t in targets],
                           rank_pattern=ranks, alpha_pattern=alphas, **options)
     inject_adapter_in_model(config, model, adapter_name=ADAPTER)
+    use_lean_forward(model)
 
 
 def lycoris_layers(model: nn.Module, layer_class: type[LycorisLayer]) -> dict[str, LycorisLayer]:

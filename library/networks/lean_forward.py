@@ -1,4 +1,4 @@
-"""A leaner forward for peft's LoRA layers: the same output, two fewer output-sized tensors per layer call.
+"""Leaner forwards for peft's LoRA, LoHa and LoKr layers: the same output, fewer output-sized tensors per call.
 
 peft computes `result = result + lora_B(lora_A(x)) * scaling`. Each call allocates three tensors the size of
 the layer's output (lora_B's output, the product with scaling, the sum) and its backward a fourth (the
@@ -15,13 +15,19 @@ memory is written (docs/PERFORMANCE.md).
 The in-place add is safe for the base layers this is used with (plain nn.Linear and nn.Conv2d, no subclass):
 their backward keeps their input and weight, never their output. Scaling the rank-sized tensor gives peft's
 outputs and gradients bit for bit when scaling is a power of two (alpha/rank = 0.5, 1, 2 ...), and within
-float rounding otherwise (tests/networks/test_lora_forward.py).
+float rounding otherwise (tests/networks/test_lean_forward.py).
 Everything off the fast path (merged or disabled adapters, several adapters, DoRA and other variants,
 peft's per-call arguments) goes to peft's own forward.
+
+peft's LoHa and LoKr layers compute `result + F.linear(x, delta_weight)`; their lean forward adds the second
+term in place, one output-sized tensor fewer per call, with the same values and the same random draws for
+module dropout.
 """
 from __future__ import annotations
 
 import torch
+from peft.tuners.loha import layer as peft_loha
+from peft.tuners.lokr import layer as peft_lokr
 from peft.tuners.lora import layer as peft_lora
 from torch import nn
 
@@ -58,26 +64,47 @@ def _lean_conv_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     return self.base_layer(x).add_(_lora(self, x))
 
 
-class LeanLoraLinear(peft_lora.Linear):
-    """peft's LoRA Linear with the lean forward (module docstring)."""
+def _lean_lycoris_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    if args or kwargs or self.disable_adapters or self.merged:
+        return self._peft_forward(x, *args, **kwargs)
+    rows = x.dim() > 2 and isinstance(self.base_layer, nn.Linear)  # as in _lean_linear_forward
+    result = self.base_layer(x.reshape(-1, x.shape[-1]) if rows else x)
+    for name in self.active_adapters:
+        if name not in self._available_adapters:
+            continue
+        if not self.training or torch.rand(1) > self.module_dropout[name]:  # peft's draw, in peft's order
+            delta = self._get_delta_activations(name, x)
+            delta = delta.reshape(result.shape) if rows else delta
+            # peft rounds the sum to the input's dtype; in place rounds it to result's: use it where they agree
+            same = result.dtype == x.dtype or torch.promote_types(result.dtype, delta.dtype) == result.dtype
+            result = result.add_(delta) if same else result + delta
+    result = result.view(*x.shape[:-1], result.shape[-1]) if rows else result
+    return result.to(x.dtype)
 
-    _peft_forward = peft_lora.Linear.forward
-    forward = _lean_linear_forward
+
+def _lean_class(name: str, peft_class: type, forward) -> type:
+    """A subclass of `peft_class` named `name` whose forward is `forward`; it falls back to peft's own."""
+    return type(name, (peft_class,), {
+        "__doc__": f"{peft_class.__module__}.{peft_class.__name__} with the lean forward (module docstring).",
+        "__module__": __name__, "_peft_forward": peft_class.forward, "forward": forward})
 
 
-class LeanLoraConv2d(peft_lora.Conv2d):
-    """peft's LoRA Conv2d (LoCon) with the lean forward (module docstring)."""
+LeanLoraLinear = _lean_class("LeanLoraLinear", peft_lora.Linear, _lean_linear_forward)
+LeanLoraConv2d = _lean_class("LeanLoraConv2d", peft_lora.Conv2d, _lean_conv_forward)
+LeanLohaLinear = _lean_class("LeanLohaLinear", peft_loha.Linear, _lean_lycoris_forward)
+LeanLohaConv2d = _lean_class("LeanLohaConv2d", peft_loha.Conv2d, _lean_lycoris_forward)
+LeanLokrLinear = _lean_class("LeanLokrLinear", peft_lokr.Linear, _lean_lycoris_forward)
+LeanLokrConv2d = _lean_class("LeanLokrConv2d", peft_lokr.Conv2d, _lean_lycoris_forward)
 
-    _peft_forward = peft_lora.Conv2d.forward
-    forward = _lean_conv_forward
-
-
-_LEAN = {(peft_lora.Linear, nn.Linear): LeanLoraLinear, (peft_lora.Conv2d, nn.Conv2d): LeanLoraConv2d}
+_LEAN = {(lean.__mro__[1], base): lean for lean, base in (
+    (LeanLoraLinear, nn.Linear), (LeanLoraConv2d, nn.Conv2d), (LeanLohaLinear, nn.Linear),
+    (LeanLohaConv2d, nn.Conv2d), (LeanLokrLinear, nn.Linear), (LeanLokrConv2d, nn.Conv2d))}
 
 
 def use_lean_forward(model: nn.Module) -> int:
-    """Give each of `model`'s peft LoRA Linear / Conv2d layers the lean forward (a subclass with the same state,
-    so peft and everything that checks isinstance still sees its own layer). Returns how many were changed."""
+    """Give each of `model`'s peft LoRA, LoHa and LoKr Linear / Conv2d layers the lean forward (a subclass with
+    the same state, so peft and everything that checks isinstance still sees its own layer). Returns how many
+    were changed."""
     changed = 0
     for module in model.modules():
         lean = _LEAN.get((type(module), type(getattr(module, "base_layer", None))))

@@ -1,4 +1,5 @@
-"""The lean LoRA forward: peft's results (bit for bit when alpha/rank is a power of two), fewer bytes allocated."""
+"""The lean LoRA / LoHa / LoKr forwards: peft's results (bit for bit when alpha/rank is a power of two), fewer
+bytes allocated."""
 import copy
 
 import pytest
@@ -9,8 +10,12 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from library.models.builtin import build_builtin
 from library.networks import lora
 from library.networks.base import NetworkSpec
-from library.networks.lora_forward import LeanLoraConv2d, LeanLoraLinear
+from library.networks.lean_forward import _LEAN, LeanLoraConv2d, LeanLoraLinear
+from library.networks.loha import LOHA
+from library.networks.lokr import LOKR
 from library.networks.targets import unet_targets
+
+PEFT_CLASS = {lean: peft_class for (peft_class, _), lean in _LEAN.items()}
 
 
 @pytest.fixture(scope="module")
@@ -18,26 +23,33 @@ def base():
     return build_builtin("tiny-sd15")
 
 
-def with_lora(base, alpha):
+def with_network(base, alpha, kind=None, **spec):
+    """The tiny UNet with a network on its linear and conv layers (LoRA unless `kind`), every weight random."""
     parts = copy.deepcopy(base)
-    lora.add_lora(parts.unet, unet_targets(parts, with_conv=True), NetworkSpec(rank=4, alpha=alpha, conv_rank=2,
-                                                                               conv_alpha=alpha / 2))
+    targets = unet_targets(parts, with_conv=True)
+    spec = NetworkSpec(rank=4, alpha=alpha, conv_rank=2, conv_alpha=alpha / 2, **spec)
+    if kind is None:
+        lora.add_lora(parts.unet, targets, spec)
+    else:
+        kind.inject(parts.unet, targets, spec)
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for name, param in parts.unet.named_parameters():
-            if "lora_B" in name:  # peft starts lora_B at zero; give the network an effect to compare
+            if param.requires_grad:  # peft starts lora_B (LoHa/LoKr: one factor) at zero: give each an effect
                 param.copy_(torch.randn(param.shape, generator=generator) * 0.1)
     return parts.unet
+
+
+def with_lora(base, alpha):
+    return with_network(base, alpha)
 
 
 def as_peft(unet):
     """The same weights with peft's own forward."""
     unet = copy.deepcopy(unet)
     for module in unet.modules():
-        if type(module) is LeanLoraLinear:
-            module.__class__ = peft_lora.Linear
-        elif type(module) is LeanLoraConv2d:
-            module.__class__ = peft_lora.Conv2d
+        if type(module) in PEFT_CLASS:
+            module.__class__ = PEFT_CLASS[type(module)]
     return unet
 
 
@@ -74,6 +86,34 @@ def test_lean_forward_matches_peft_in_output_and_gradients(base, alpha):
             torch.testing.assert_close(grads[name], peft_grads[name], rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("kind, spec", [(LOHA, {}), (LOKR, {"factor": 4})])
+def test_loha_and_lokr_lean_forward_match_peft_bit_for_bit(base, kind, spec):
+    lean = with_network(base, 2.0, kind, **spec)
+    assert {type(m).__name__ for m in lean.modules() if type(m) in PEFT_CLASS} == {
+        f"Lean{kind.name.capitalize()}Linear", f"Lean{kind.name.capitalize()}Conv2d"}
+    out, grads = forward_backward(lean)
+    peft_out, peft_grads = forward_backward(as_peft(lean))
+    assert grads.keys() == peft_grads.keys() and len(grads) > 0
+    assert torch.equal(out, peft_out)
+    assert all(torch.equal(grads[n], peft_grads[n]) for n in grads)
+
+
+def test_lycoris_module_dropout_draws_like_peft(base):
+    """peft draws torch.rand(1) per layer call in training; the lean forward draws the same, in the same order."""
+    lean = with_network(base, 2.0, LOHA)
+    for module in lean.modules():
+        if type(module) in PEFT_CLASS:
+            module.module_dropout["kiln"] = 0.5
+    peft = as_peft(lean)
+    outputs = []
+    for unet in (lean, peft):
+        torch.manual_seed(3)
+        outputs.append(forward_backward(unet.train())[0])
+    assert torch.equal(outputs[0], outputs[1])
+    lean_without_dropout = with_network(base, 2.0, LOHA)
+    assert not torch.equal(outputs[0], forward_backward(lean_without_dropout)[0])  # the dropout did act
+
+
 def test_disabled_adapters_fall_back_to_peft_and_give_the_base_output(base):
     unet = with_lora(base, alpha=2)
     layer = unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1.to_q
@@ -102,17 +142,19 @@ class AllocatedBytes(TorchDispatchMode):
         return out
 
 
+@pytest.mark.parametrize("kind, saved", [(None, 2), (LOHA, 1), (LOKR, 1)])
 @pytest.mark.parametrize("layer_path", ["down_blocks.0.attentions.0.transformer_blocks.0.ff.net.2",
                                         "down_blocks.0.resnets.0.conv1"])
-def test_lean_forward_allocates_two_fewer_outputs_per_layer_call(base, layer_path):
-    """What lowers peak memory in training: peft allocates lora_B's output, its product with scaling and the
-    sum, plus the scaled gradient in backward; the lean forward only lora_B's output."""
-    lean_layer = with_lora(base, alpha=3).get_submodule(layer_path)
+def test_lean_forward_allocates_fewer_output_sized_tensors_per_layer_call(base, layer_path, kind, saved):
+    """What lowers peak memory in training. LoRA: peft allocates lora_B's output, its product with scaling and
+    the sum, plus the scaled gradient in backward; the lean forward only lora_B's output. LoHa/LoKr: peft
+    allocates the delta activations and the sum; the lean forward only the delta activations."""
+    lean_layer = with_network(base, 3.0, kind, **({"factor": 4} if kind is LOKR else {})).get_submodule(layer_path)
     peft_layer = copy.deepcopy(lean_layer)
-    peft_layer.__class__ = peft_lora.Linear if isinstance(lean_layer, LeanLoraLinear) else peft_lora.Conv2d
-    shape = (2, 64, lean_layer.in_features) if isinstance(lean_layer, LeanLoraLinear) else (
-        2, lean_layer.base_layer.in_channels, 16, 16)
-    x = torch.randn(shape)
+    peft_layer.__class__ = PEFT_CLASS[type(lean_layer)]
+    linear = isinstance(lean_layer.base_layer, torch.nn.Linear)
+    x = torch.randn((2, 64, lean_layer.base_layer.in_features) if linear else
+                    (2, lean_layer.base_layer.in_channels, 16, 16))
     allocated = {}
     for label, layer in (("lean", lean_layer), ("peft", peft_layer)):
         with AllocatedBytes() as counter:
@@ -120,4 +162,4 @@ def test_lean_forward_allocates_two_fewer_outputs_per_layer_call(base, layer_pat
             out.backward(torch.ones_like(out))
         allocated[label] = counter.total
         output_bytes = out.untyped_storage().nbytes()
-    assert allocated["peft"] - allocated["lean"] >= 2 * output_bytes
+    assert allocated["peft"] - allocated["lean"] >= saved * output_bytes
