@@ -40,10 +40,6 @@ def with_network(base, alpha, kind=None, **spec):
     return parts.unet
 
 
-def with_lora(base, alpha):
-    return with_network(base, alpha)
-
-
 def as_peft(unet):
     """The same weights with peft's own forward."""
     unet = copy.deepcopy(unet)
@@ -64,7 +60,7 @@ def forward_backward(unet):
 
 
 def test_add_lora_gives_every_linear_and_conv_layer_the_lean_forward(base):
-    unet = with_lora(base, alpha=2)
+    unet = with_network(base, 2.0)
     kinds = [type(m) for m in unet.modules() if isinstance(m, peft_lora.LoraLayer)]
     assert LeanLoraLinear in kinds and LeanLoraConv2d in kinds
     assert set(kinds) == {LeanLoraLinear, LeanLoraConv2d}
@@ -73,7 +69,7 @@ def test_add_lora_gives_every_linear_and_conv_layer_the_lean_forward(base):
 @pytest.mark.parametrize("alpha", [2.0, 3.0])
 def test_lean_forward_matches_peft_in_output_and_gradients(base, alpha):
     """alpha/rank 0.5 (a power of two): bit for bit. 0.75: within float rounding."""
-    lean = with_lora(base, alpha)
+    lean = with_network(base, alpha)
     out, grads = forward_backward(lean)
     peft_out, peft_grads = forward_backward(as_peft(lean))
     assert grads.keys() == peft_grads.keys() and len(grads) > 0
@@ -115,7 +111,7 @@ def test_lycoris_module_dropout_draws_like_peft(base):
 
 
 def test_disabled_adapters_fall_back_to_peft_and_give_the_base_output(base):
-    unet = with_lora(base, alpha=2)
+    unet = with_network(base, 2.0)
     layer = unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1.to_q
     x = torch.randn(2, 5, layer.in_features)
     with torch.no_grad():
