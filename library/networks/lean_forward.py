@@ -45,41 +45,40 @@ def _lora(self, x: torch.Tensor) -> torch.Tensor:
     return self.lora_B[name](down * self.scaling[name])
 
 
-def _lean_linear_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+def _base_output(self, x: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """The base layer's output as a tensor of its own, and whether it was computed on the input's rows.
+    nn.Linear returns a view for 3-D input, and an in-place add on a view makes backward copy the whole output
+    (CopySlices); on the rows as one 2-D matrix (what nn.Linear does inside) the output is not a view. The
+    network branch still sees `x`, so gradients reach `x` in peft's order."""
+    rows = x.dim() > 2 and isinstance(self.base_layer, nn.Linear)
+    return self.base_layer(x.reshape(-1, x.shape[-1]) if rows else x), rows
+
+
+def _input_shaped(result: torch.Tensor, x: torch.Tensor, rows: bool) -> torch.Tensor:
+    return result.view(*x.shape[:-1], result.shape[-1]) if rows else result
+
+
+def _lean_lora_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     if not _on_fast_path(self, args, kwargs):
         return self._peft_forward(x, *args, **kwargs)
-    if x.dim() <= 2:
-        return self.base_layer(x).add_(_lora(self, x))
-    # nn.Linear returns a view for 3-D input, and an in-place add on a view makes backward copy the whole
-    # output (CopySlices): the base layer runs on the rows as one matrix (what nn.Linear does inside), so
-    # its output is its own tensor. The LoRA branch still sees `x`, so gradients reach `x` in peft's order.
-    result = self.base_layer(x.reshape(-1, x.shape[-1]))
+    result, rows = _base_output(self, x)
     result.add_(_lora(self, x).reshape(result.shape))
-    return result.view(*x.shape[:-1], result.shape[-1])
-
-
-def _lean_conv_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-    if not _on_fast_path(self, args, kwargs):
-        return self._peft_forward(x, *args, **kwargs)
-    return self.base_layer(x).add_(_lora(self, x))
+    return _input_shaped(result, x, rows)
 
 
 def _lean_lycoris_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     if args or kwargs or self.disable_adapters or self.merged:
         return self._peft_forward(x, *args, **kwargs)
-    rows = x.dim() > 2 and isinstance(self.base_layer, nn.Linear)  # as in _lean_linear_forward
-    result = self.base_layer(x.reshape(-1, x.shape[-1]) if rows else x)
+    result, rows = _base_output(self, x)
     for name in self.active_adapters:
         if name not in self._available_adapters:
             continue
         if not self.training or torch.rand(1) > self.module_dropout[name]:  # peft's draw, in peft's order
-            delta = self._get_delta_activations(name, x)
-            delta = delta.reshape(result.shape) if rows else delta
+            delta = self._get_delta_activations(name, x).reshape(result.shape)
             # peft rounds the sum to the input's dtype; in place rounds it to result's: use it where they agree
             same = result.dtype == x.dtype or torch.promote_types(result.dtype, delta.dtype) == result.dtype
             result = result.add_(delta) if same else result + delta
-    result = result.view(*x.shape[:-1], result.shape[-1]) if rows else result
-    return result.to(x.dtype)
+    return _input_shaped(result, x, rows).to(x.dtype)
 
 
 def _lean_class(name: str, peft_class: type, forward) -> type:
@@ -89,16 +88,17 @@ def _lean_class(name: str, peft_class: type, forward) -> type:
         "__module__": __name__, "_peft_forward": peft_class.forward, "forward": forward})
 
 
-LeanLoraLinear = _lean_class("LeanLoraLinear", peft_lora.Linear, _lean_linear_forward)
-LeanLoraConv2d = _lean_class("LeanLoraConv2d", peft_lora.Conv2d, _lean_conv_forward)
+LeanLoraLinear = _lean_class("LeanLoraLinear", peft_lora.Linear, _lean_lora_forward)
+LeanLoraConv2d = _lean_class("LeanLoraConv2d", peft_lora.Conv2d, _lean_lora_forward)
 LeanLohaLinear = _lean_class("LeanLohaLinear", peft_loha.Linear, _lean_lycoris_forward)
 LeanLohaConv2d = _lean_class("LeanLohaConv2d", peft_loha.Conv2d, _lean_lycoris_forward)
 LeanLokrLinear = _lean_class("LeanLokrLinear", peft_lokr.Linear, _lean_lycoris_forward)
 LeanLokrConv2d = _lean_class("LeanLokrConv2d", peft_lokr.Conv2d, _lean_lycoris_forward)
 
-_LEAN = {(lean.__mro__[1], base): lean for lean, base in (
-    (LeanLoraLinear, nn.Linear), (LeanLoraConv2d, nn.Conv2d), (LeanLohaLinear, nn.Linear),
-    (LeanLohaConv2d, nn.Conv2d), (LeanLokrLinear, nn.Linear), (LeanLokrConv2d, nn.Conv2d))}
+# (peft's layer class, its base layer's class) -> the lean subclass; other base layers keep peft's forward
+_LEAN = {(peft_lora.Linear, nn.Linear): LeanLoraLinear, (peft_lora.Conv2d, nn.Conv2d): LeanLoraConv2d,
+         (peft_loha.Linear, nn.Linear): LeanLohaLinear, (peft_loha.Conv2d, nn.Conv2d): LeanLohaConv2d,
+         (peft_lokr.Linear, nn.Linear): LeanLokrLinear, (peft_lokr.Conv2d, nn.Conv2d): LeanLokrConv2d}
 
 
 def use_lean_forward(model: nn.Module) -> int:
