@@ -277,6 +277,9 @@ def run_child(script: str, label: str, config: Path, result_file: Path, bare_ite
               profile: bool, overrides: list[str] = ()) -> int:
     """Run `script`'s main on `config` (and the command line's KEY=VALUE `overrides`) in this process, then
     measure the bare cost; write the result JSON."""
+    from library.host_memory import request_huge_pages
+
+    request_huge_pages()  # what the script's main does first; the hooks below import torch before it runs
     clock = ProcessClock()
     sampler = RssSampler(clock)
     sampler.start()

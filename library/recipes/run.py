@@ -190,6 +190,7 @@ def prepare(recipe: "Recipe", args: argparse.Namespace) -> tuple["ResolvedRun", 
     load = ModelLoader(config, recipe)
     if not args.check:
         _join_processes(config)
+        _tune_host_allocator(config)
     recipe.before_scan(config, args.check, load)
     try:
         run = resolve(config, recipe)
@@ -210,7 +211,9 @@ def run_recipe(recipe: "Recipe", argv: list[str] | None, description: str) -> in
     """A training script's whole main: returns the exit code. Expected problems print one line (or one list)
     and exit with code 2 (SystemExit); anything else is a bug and says so (library/cli.py)."""
     from library.cli import run_main
+    from library.host_memory import request_huge_pages
 
+    request_huge_pages()  # before anything imports torch, which reads the setting once
     return run_main(lambda args: _run(recipe, args, description), argv)
 
 
@@ -220,6 +223,15 @@ def _join_processes(config: "RunConfig") -> None:
         from library.training.distributed import start_processes
 
         start_processes(config.train.device)
+
+
+def _tune_host_allocator(config: "RunConfig") -> None:
+    """Before the model loads, so its weights are placed under the same allocator settings as the steps."""
+    from library.host_memory import tune_host_allocator
+    from library.training.device import resolve_device
+
+    if line := tune_host_allocator(resolve_device(config.train.device).type):
+        print(line)
 
 
 def _run(recipe: "Recipe", argv: list[str] | None, description: str) -> int:
